@@ -1,0 +1,107 @@
+"""``python -m dreamid_core`` (or ``dreamid``): photos -> aligned face crops [-> S* embedding file].
+
+Without ComfyUI: detects and aligns faces with the built-in detector (no downloads) and writes the
+112x112 crops; given an encoder file, also writes S* as a standard textual-inversion
+``.safetensors`` that ComfyUI (``embedding:NAME``), A1111 and diffusers' ``load_textual_inversion``
+read. Prints a JSON summary on stdout; progress and warnings go to the log (stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .detectors import BUILTIN, detector_names, make_detector
+from .embedding_io import sanitize_name, write_embedding
+from .encoder import COMBINE_MODES
+from .errors import DreamIDError
+from .faces import ON_MISSING, ORDERS, FacePipeline
+from .images import load_image
+from .weights import load_encoder, read_encoder_config
+
+logger = logging.getLogger("dreamid_core")
+
+
+def sample_photo() -> Path:
+    """The group photo that ships inside the insightface wheel (for trying the tool)."""
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or spec.origin is None:
+        raise DreamIDError("--sample needs the insightface package (its wheel carries the sample photo): "
+                           "pip install insightface")
+    return Path(spec.origin).parent / "data" / "images" / "t1.jpg"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreamid_core", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("photos", nargs="*", type=Path, help="photos of ONE person (several are averaged)")
+    p.add_argument("--sample", action="store_true", help="add the sample photo shipped with insightface")
+    p.add_argument("--out-dir", type=Path, default=Path("dreamid_out"), help="where crops (and S*) are written")
+    p.add_argument("--detector", default=BUILTIN, choices=detector_names())
+    p.add_argument("--insightface-root", type=Path, help="folder holding models/<pack>/ for insightface detectors")
+    p.add_argument("--provider", default="auto", help="onnxruntime provider for insightface: auto/cpu/cuda/rocm/coreml")
+    p.add_argument("--face-index", type=int, default=0, help="which face when a photo has several")
+    p.add_argument("--order", default="largest", choices=ORDERS, help="how face_index counts faces")
+    p.add_argument("--on-missing", default="error", choices=ON_MISSING, help="photo without a face: stop or skip")
+    p.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors; writes S* when given")
+    p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
+    p.add_argument("--name", default="dreamid_identity", help="embedding file name (without .safetensors)")
+    p.add_argument("--scale", type=float, default=1.0, help="strength: multiplies S* (0 turns it off)")
+    p.add_argument("--combine", default="average", choices=COMBINE_MODES, help="how several photos combine")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing embedding file")
+    p.add_argument("--info", type=Path, metavar="ENCODER", help="print an encoder file's config and exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.info:
+        config, provenance, contents = read_encoder_config(args.info)
+        return {"file": str(args.info), "contents": contents, "config": config.to_dict(), "provenance": provenance}
+    photos = list(args.photos) + ([sample_photo()] if args.sample else [])
+    if not photos:
+        raise DreamIDError("no photos given: pass one or more photo paths (or --sample to try the tool)")
+    detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider)
+    pipeline = FacePipeline(detector)
+    images = [load_image(p) for p in photos]
+    report = pipeline.process(images, face_index=args.face_index, order=args.order, on_missing=args.on_missing)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    summary: dict = {"faces": [], "skipped": [{"photo": str(photos[i]), "reason": r} for i, r in report.skipped]}
+    for face in report.faces:
+        out = args.out_dir / f"{Path(photos[face.image_index]).stem}_face{args.face_index}.png"
+        arr = (face.crop.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(arr).save(out)
+        summary["faces"].append({"photo": str(photos[face.image_index]), "crop": str(out),
+                                 "faces_in_photo": face.num_faces, "score": round(float(face.detection.score), 4),
+                                 "box": [round(v, 1) for v in face.detection.box]})
+    if args.encoder:
+        encoder = load_encoder(args.encoder, backbone_path=args.backbone)
+        with torch.inference_mode():
+            s = encoder.encode(pipeline.crops(report), scale=args.scale, combine=args.combine)  # [k, out_dim]
+        path = write_embedding(args.out_dir / sanitize_name(args.name), encoder.split(s), overwrite=args.overwrite,
+                               metadata={"encoder": Path(args.encoder).name, "photos": [str(p) for p in photos],
+                                         "scale": args.scale, "combine": args.combine})
+        summary["embedding"] = {"file": str(path), "tokens": encoder.config.num_tokens,
+                                "widths": encoder.config.widths,
+                                "use": f"embedding:{path.stem} in any ComfyUI prompt (copy it to models/embeddings)"}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        summary = run(args)
+    except (DreamIDError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return 0

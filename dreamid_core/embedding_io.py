@@ -1,0 +1,72 @@
+"""S* as a standard textual-inversion file, readable by ComfyUI's ``embedding:NAME`` and A1111.
+
+SD1.x / SD2.x: ``{"emb_params": [k, D]}``; SDXL: ``{"clip_l": [k, 768], "clip_g": [k, 1280]}``.
+The metadata records that DreamIdentity made it, and from which encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_name(name: str) -> str:
+    """A file name that is safe everywhere: ASCII letters, digits, ``._-``; no path parts.
+
+    Raises ``ValueError`` if nothing usable is left (e.g. ``"../"``).
+    """
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    base = ascii_name.replace("\\", "/").split("/")[-1]
+    base = base.removesuffix(".safetensors")
+    base = _SAFE_NAME.sub("_", base).strip("._-")
+    if not base:
+        raise ValueError(f"embedding name {name!r} has no usable characters; use letters, digits, '-' or '_'")
+    return base[:100]
+
+
+def embedding_tensors(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-text-encoder S* (``{"clip_h": [k, D]}`` or ``{"clip_l", "clip_g"}``) -> file tensors."""
+    parts = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in parts.items()}
+    for key, t in parts.items():
+        if t.ndim != 2:
+            raise ValueError(f"embedding {key} must be [k, D], got {tuple(t.shape)}")
+    if len(parts) == 1:
+        return {"emb_params": next(iter(parts.values()))}
+    return dict(parts)
+
+
+def write_embedding(path: str | os.PathLike[str], parts: dict[str, torch.Tensor], *, overwrite: bool = False,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write a textual-inversion ``.safetensors``; refuses to replace an existing file unless asked."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
+    tensors = embedding_tensors(parts)
+    meta = {"format": "pt", "dreamid": json.dumps(metadata or {}, sort_keys=True, default=str)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("wrote textual-inversion embedding %s (%s)", path,
+                ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    return path

@@ -1,0 +1,190 @@
+"""The face pipeline: photo -> detected faces (with retries) -> chosen face -> aligned 112x112 crop.
+
+Any :class:`~dreamid_core.detection.FaceDetector` plugs in (the built-in MTCNN, insightface).
+When a photo yields no face, the pipeline retries at another detection size and with padding
+(tight crops hide the face's outline from detectors) before raising :class:`FaceNotFoundError`,
+whose message says which image, what was tried and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .align import align_face, apply_transform
+from .detection import Detection, FaceDetector
+from .errors import FaceNotFoundError, FaceSelectionError
+from .images import to_rgb_list, to_tensor
+
+logger = logging.getLogger(__name__)
+
+ORDERS = ("largest", "left_to_right")
+ON_MISSING = ("error", "skip")
+
+
+@dataclass
+class FaceResult:
+    """One aligned face and where it came from (coordinates in the original photo's pixels)."""
+
+    image_index: int
+    crop: torch.Tensor  # [3, S, S] float 0..1, aligned to the ArcFace template
+    detection: Detection
+    matrix: np.ndarray  # [2, 3] photo pixels -> crop pixels
+    image_size: tuple[int, int]  # (width, height) of the photo
+    num_faces: int
+    attempt: str
+
+    @property
+    def aligned_landmarks(self) -> np.ndarray:
+        return apply_transform(self.matrix, self.detection.landmarks)
+
+    def layout(self) -> dict[str, Any]:
+        """Box and landmarks as fractions of the photo (what the scene node needs)."""
+        w, h = self.image_size
+        x1, y1, x2, y2 = self.detection.box
+        return {
+            "image_size": [w, h],
+            "box": [x1 / w, y1 / h, x2 / w, y2 / h],
+            "landmarks": [[float(x) / w, float(y) / h] for x, y in self.detection.landmarks],
+            "score": float(self.detection.score),
+        }
+
+
+@dataclass
+class PipelineReport:
+    """What a batch run produced: the faces, and the photos skipped (with why)."""
+
+    faces: list[FaceResult]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    if abs(scale - 1.0) < 1e-6:
+        return image
+    h, w = image.shape[:2]
+    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    out = F.interpolate(t, size=size, mode="bilinear", antialias=scale < 1.0, align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _pad(image: np.ndarray, fraction: float) -> tuple[np.ndarray, int]:
+    h, w = image.shape[:2]
+    p = max(1, int(round(max(h, w) * fraction)))
+    return np.pad(image, ((p, p), (p, p), (0, 0)), mode="constant", constant_values=127), p
+
+
+class FacePipeline:
+    """Detect, select and align faces.
+
+    ``det_size``: the longest side the detector sees on the first attempt (larger photos are
+    shrunk for detection; alignment always samples the full-resolution photo).
+    ``min_score``: detections below it are ignored. ``crop_size``: aligned crop side (112 for ArcFace).
+    """
+
+    def __init__(self, detector: FaceDetector, *, det_size: int = 640, min_score: float = 0.5,
+                 crop_size: int = 112, retry: bool = True) -> None:
+        self.detector = detector
+        self.det_size = det_size
+        self.min_score = min_score
+        self.crop_size = crop_size
+        self.retry = retry
+
+    def _attempts(self, h: int, w: int) -> list[tuple[str, float, float]]:
+        """(label, scale, pad fraction) tried in order: the detection size, half of it, the photo
+        enlarged (small photos), and the photo padded by 40% (tight crops)."""
+        longest = max(h, w)
+        base = min(1.0, self.det_size / longest)
+        plans = [(base, 0.0)]
+        if self.retry:
+            if longest * base > 320:
+                plans.append((base / 2, 0.0))
+            if longest * base < self.det_size:
+                plans.append((min(4.0, self.det_size / longest), 0.0))
+            plans.append((base if longest * base >= 320 else min(4.0, 320 / longest), 0.4))
+        return [(f"longest side {round(longest * s)} px" + (f" with {round(p * 100)}% padding" if p else ""), s, p)
+                for s, p in plans]
+
+    def detect(self, image: np.ndarray, where: str = "image") -> tuple[list[Detection], str]:
+        """All faces in an RGB uint8 photo (largest first) and which attempt found them."""
+        h, w = image.shape[:2]
+        tried = []
+        for label, scale, pad in self._attempts(h, w):
+            work = _resize(image, scale)
+            offset = 0
+            if pad:
+                work, offset = _pad(work, pad)
+            found = [d for d in self.detector.detect(work) if d.score >= self.min_score]
+            tried.append(label)
+            if found:
+                back = [d.transformed(1.0 / scale, (-offset / scale, -offset / scale)) for d in found]
+                if len(tried) > 1:
+                    logger.info("%s: face found on retry (%s)", where, label)
+                return sorted(back, key=lambda d: d.area, reverse=True), label
+        raise FaceNotFoundError(
+            f"No face found in {where} ({w}x{h} px) by the {self.detector.name} detector. Tried: "
+            f"{'; '.join(tried)}. Use a photo where one face is clearly visible (frontal or three-quarter, "
+            "not covered, at least ~64 px wide), crop closer around the head, or try the other detector. "
+            "In a batch you can also choose to skip photos without a face.")
+
+    @staticmethod
+    def select(faces: Sequence[Detection], index: int = 0, order: str = "largest",
+               where: str = "image") -> Detection:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        ranked = sorted(faces, key=lambda d: d.area, reverse=True) if order == "largest" else \
+            sorted(faces, key=lambda d: d.box[0])
+        if not 0 <= index < len(ranked):
+            raise FaceSelectionError(
+                f"face_index {index} asked for in {where}, but {len(ranked)} face(s) were found "
+                f"(indices 0..{len(ranked) - 1}, ordered {order.replace('_', ' ')}). Lower face_index.")
+        return ranked[index]
+
+    def align(self, image: np.ndarray, detection: Detection) -> tuple[torch.Tensor, np.ndarray]:
+        return align_face(to_tensor(image), detection.landmarks, self.crop_size)
+
+    def process_one(self, image: np.ndarray, *, image_index: int = 0, face_index: int = 0,
+                    order: str = "largest") -> FaceResult:
+        where = f"image {image_index}"
+        faces, attempt = self.detect(image, where)
+        if len(faces) > 1:
+            logger.info("%s: %d faces found; using index %d (%s)", where, len(faces), face_index, order)
+        chosen = self.select(faces, face_index, order, where)
+        crop, matrix = self.align(image, chosen)
+        h, w = image.shape[:2]
+        return FaceResult(image_index=image_index, crop=crop, detection=chosen, matrix=matrix,
+                          image_size=(w, h), num_faces=len(faces), attempt=attempt)
+
+    def process(self, images: Any, *, face_index: int = 0, order: str = "largest",
+                on_missing: str = "error") -> PipelineReport:
+        """A batch of photos of one person -> aligned faces. ``on_missing``: "error" or "skip".
+
+        Skipped photos are logged as warnings and listed in the report; if every photo is
+        skipped, :class:`FaceNotFoundError` is raised anyway (never an empty result).
+        """
+        if on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
+        photos = to_rgb_list(images)
+        report = PipelineReport(faces=[])
+        for i, photo in enumerate(photos):
+            try:
+                report.faces.append(self.process_one(photo, image_index=i, face_index=face_index, order=order))
+            except (FaceNotFoundError, FaceSelectionError) as exc:
+                if on_missing == "error":
+                    raise
+                logger.warning("skipping image %d of %d: %s", i, len(photos), exc)
+                report.skipped.append((i, str(exc)))
+        if not report.faces:
+            reasons = " | ".join(msg for _, msg in report.skipped)
+            raise FaceNotFoundError(f"No usable face in any of the {len(photos)} photo(s): {reasons}")
+        return report
+
+    def crops(self, report: PipelineReport) -> torch.Tensor:
+        """The report's aligned faces stacked ``[N, 3, S, S]``."""
+        return torch.stack([f.crop for f in report.faces])

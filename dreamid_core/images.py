@@ -1,0 +1,111 @@
+"""Turn whatever a user hands us into one RGB ``uint8`` array ``[H, W, 3]`` per photo.
+
+Accepted: PIL images (any mode), numpy arrays ``[H, W]``, ``[H, W, 1|3|4]`` (uint8 or float in
+0..1), torch tensors in ComfyUI's IMAGE layout ``[B, H, W, C]`` / ``[H, W, C]`` (float 0..1), and
+file paths. Greyscale is replicated to RGB; alpha is composited over mid-grey (a transparent
+cut-out then looks like a studio background to the detector).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ImageInputError
+
+#: Smallest side a photo may have; a face needs some pixels to be found at all.
+MIN_SIDE = 16
+_ALPHA_BACKGROUND = 127.0
+
+
+def _from_float(arr: np.ndarray, where: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise ImageInputError(f"{where} contains NaN or infinite values")
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        if hi <= 255.0 and lo >= 0.0:
+            return np.clip(arr, 0, 255).round().astype(np.uint8)
+        raise ImageInputError(f"{where} has values in [{lo:.3g}, {hi:.3g}]; expected 0..1 (float) or 0..255")
+    return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def to_rgb_uint8(image: Any, where: str = "image") -> np.ndarray:
+    """One photo -> RGB uint8 ``[H, W, 3]``. Raises :class:`ImageInputError` naming the problem."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL.Image
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+        elif image.mode != "RGB":
+            image = image.convert("RGB")
+        arr = np.asarray(image)
+    elif isinstance(image, torch.Tensor):
+        arr = image.detach().to("cpu", torch.float32).numpy() if image.is_floating_point() else image.cpu().numpy()
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
+        raise ImageInputError(f"{where} has shape {tuple(arr.shape)}; expected [H, W], [H, W, C] or ComfyUI's "
+                              "[B, H, W, C] with C in 1..4")
+    if arr.dtype != np.uint8:
+        arr = _from_float(arr.astype(np.float32), where) if arr.dtype.kind == "f" else \
+            np.clip(arr, 0, 255).astype(np.uint8)
+    h, w, c = arr.shape
+    if min(h, w) < MIN_SIDE:
+        raise ImageInputError(f"{where} is {w}x{h} px; a face photo must be at least {MIN_SIDE}x{MIN_SIDE} px "
+                              "(better: the face at least 64 px wide). Use a larger photo.")
+    if c in (2, 4):  # grey+alpha or RGBA: composite over mid-grey
+        alpha = arr[..., -1:].astype(np.float32) / 255.0
+        colour = arr[..., :-1].astype(np.float32)
+        arr = (colour * alpha + _ALPHA_BACKGROUND * (1.0 - alpha)).round().astype(np.uint8)
+        c -= 1
+    if c == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a photo file (EXIF orientation applied) as RGB uint8."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"photo not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return to_rgb_uint8(im, where=str(path))
+    except UnidentifiedImageError as exc:
+        raise ImageInputError(f"{path} is not an image file PIL can read ({exc})") from exc
+    except OSError as exc:
+        raise ImageInputError(f"{path} could not be decoded ({exc}); the file may be truncated") from exc
+
+
+def to_rgb_list(images: Any) -> list[np.ndarray]:
+    """A batch (ComfyUI ``[B, H, W, C]`` tensor, or any iterable of photos) -> list of RGB uint8."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        items: Iterable[Any] = list(images)
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        items = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = images
+    else:
+        items = [images]
+    out = [to_rgb_uint8(im, where=f"image {i}") for i, im in enumerate(items)]
+    if not out:
+        raise ImageInputError("no images were given (empty batch)")
+    return out
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 ``[H, W, 3]`` -> float ``[3, H, W]`` in 0..1."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)

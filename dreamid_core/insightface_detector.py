@@ -1,0 +1,97 @@
+"""insightface detector backend (antelopev2 / buffalo_l packs the user provides).
+
+Folder handling is where users get hurt most, so it is explicit: we accept
+``<root>/models/<pack>/*.onnx`` (ComfyUI's ``models/insightface``), ``<root>/<pack>/*.onnx``, the
+pack folder itself, and the common nested mistake ``.../<pack>/<pack>/*.onnx``; when files are
+missing the error names the folder searched and the files expected. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .detection import Detection
+from .errors import MissingDependencyError, ModelFilesError
+from .runtime import check_onnxruntime, select_providers
+
+logger = logging.getLogger(__name__)
+
+#: The files of each pack, and which one is the face detector.
+PACKS: dict[str, dict[str, object]] = {
+    "antelopev2": {"detector": "scrfd_10g_bnkps.onnx",
+                   "files": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx",
+                             "scrfd_10g_bnkps.onnx")},
+    "buffalo_l": {"detector": "det_10g.onnx",
+                  "files": ("1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx")},
+}
+
+
+def resolve_pack_dir(root: str | Path, pack: str) -> Path:
+    """The folder holding ``pack``'s detector file, accepting the usual layouts (see module doc)."""
+    if pack not in PACKS:
+        raise ValueError(f"unknown insightface pack {pack!r}; supported: {sorted(PACKS)}")
+    root = Path(root).expanduser()
+    detector = str(PACKS[pack]["detector"])
+    candidates = [root / "models" / pack, root / pack, root, root / "models" / pack / pack, root / pack / pack]
+    for folder in candidates:
+        if (folder / detector).is_file():
+            if folder.parent.name == pack:
+                logger.info("insightface %s found one folder too deep (%s); it works, but the usual place is %s",
+                            pack, folder, folder.parent)
+            return folder
+    present = sorted(p.name for c in candidates if c.is_dir() for p in c.glob("*.onnx"))
+    expected = ", ".join(PACKS[pack]["files"])  # type: ignore[arg-type]
+    where = root / "models" / pack
+    if not root.exists():
+        problem = f"the folder {root} does not exist"
+    elif present:
+        problem = f"found only {present} (the detector {detector} is missing)"
+    else:
+        problem = f"no .onnx files under {root}"
+    raise ModelFilesError(
+        f"insightface pack {pack!r} not usable: {problem}. Put the pack's files in {where}/ — expected "
+        f"{expected} (the detector alone, {detector}, is enough for DreamIdentity). Or choose the built-in "
+        "detector (mtcnn), which needs no download.")
+
+
+class InsightFaceDetector:
+    """insightface's SCRFD detector from a local pack, on the chosen onnxruntime provider."""
+
+    def __init__(self, root: str | Path, pack: str = "antelopev2", *, provider: str = "auto",
+                 det_size: int = 640, det_thresh: float = 0.5) -> None:
+        self.pack_dir = resolve_pack_dir(root, pack)
+        self.name = f"insightface/{pack}"
+        self.det_size = det_size
+        try:
+            import onnxruntime
+            from insightface.model_zoo import model_zoo
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"the insightface detector needs insightface and onnxruntime ({exc}). Install them with "
+                "'python -m pip install insightface' and run this pack's install.py to pick the right "
+                "onnxruntime, or use the built-in detector (mtcnn).") from exc
+        check_onnxruntime()
+        providers, note = select_providers(provider, onnxruntime.get_available_providers())
+        if note:
+            logger.warning(note)
+        self.providers = providers
+        detector_file = self.pack_dir / str(PACKS[pack]["detector"])
+        self._model = model_zoo.get_model(str(detector_file), providers=providers)
+        if self._model is None or getattr(self._model, "taskname", None) != "detection":
+            raise ModelFilesError(f"{detector_file} is not a face detection model insightface recognises; "
+                                  f"download the {pack} pack again.")
+        self._model.prepare(ctx_id=0 if providers[0] != "CPUExecutionProvider" else -1,
+                            input_size=(det_size, det_size), det_thresh=det_thresh)
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        boxes, kps = self._model.detect(bgr, max_num=0, metric="default")
+        out = []
+        for i in range(boxes.shape[0]):
+            x1, y1, x2, y2, score = (float(v) for v in boxes[i, :5])
+            lm = kps[i].astype(np.float32) if kps is not None else np.zeros((5, 2), np.float32)
+            out.append(Detection(box=(x1, y1, x2, y2), score=score, landmarks=lm))
+        return sorted(out, key=lambda d: d.score, reverse=True)
