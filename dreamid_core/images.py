@@ -26,7 +26,9 @@ _ALPHA_BACKGROUND = 127.0
 def _from_float(arr: np.ndarray, where: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ImageInputError(f"{where} contains NaN or infinite values")
-    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if arr.size == 0:
+        raise ImageInputError(f"{where} is empty (shape {tuple(arr.shape)})")
+    lo, hi = float(arr.min()), float(arr.max())
     if lo < -1e-3 or hi > 1.0 + 1e-3:
         if hi <= 255.0 and lo >= 0.0:
             return np.clip(arr, 0, 255).round().astype(np.uint8)

@@ -1,0 +1,71 @@
+"""Similarity transform and warp: landmarks land on the ArcFace template, big photos stay cheap."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from dreamid_core.align import ARCFACE_TEMPLATE_112, align_face, apply_transform, similarity_transform, template
+
+
+def test_recovers_a_known_similarity():
+    angle, scale, shift = 0.3, 2.5, np.array([40.0, -7.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = np.random.default_rng(0).uniform(0, 100, (5, 2))
+    dst = scale * src @ rot.T + shift
+    m = similarity_transform(src, dst)
+    np.testing.assert_allclose(m[:, :2], scale * rot, atol=1e-9)
+    np.testing.assert_allclose(apply_transform(m, src), dst, atol=1e-9)
+
+
+def test_degenerate_points_are_refused():
+    with pytest.raises(ValueError, match="coincide"):
+        similarity_transform(np.ones((5, 2)), ARCFACE_TEMPLATE_112)
+    with pytest.raises(ValueError, match=r"\[N>=2, 2\]"):
+        similarity_transform(np.ones((5, 3)), ARCFACE_TEMPLATE_112)
+
+
+def dots_image(h: int, w: int, points: np.ndarray, radius: float) -> torch.Tensor:
+    """A black image with a white disc at each point, [3, H, W]."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    img = torch.zeros(h, w)
+    for x, y in points:
+        img[(xs - x) ** 2 + (ys - y) ** 2 <= radius ** 2] = 1.0
+    return img.expand(3, h, w).clone()
+
+
+def centroids(crop: torch.Tensor) -> np.ndarray:
+    """Centroid of the bright pixels nearest each template point."""
+    g = crop[0].numpy()
+    ys, xs = np.nonzero(g > 0.5)
+    pts = np.stack([xs, ys], 1).astype(float)
+    owner = np.argmin(((pts[:, None] - ARCFACE_TEMPLATE_112[None]) ** 2).sum(-1), axis=1)
+    return np.stack([pts[owner == i].mean(0) for i in range(5)])
+
+
+@pytest.mark.parametrize("scale,angle", [(1.0, 0.0), (3.0, 0.4), (12.0, -0.2)])
+def test_warp_puts_landmarks_on_the_template(scale, angle):
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    pts = scale * ARCFACE_TEMPLATE_112 @ rot.T + np.array([30.0, 50.0]) * scale
+    h = w = int(pts.max() + 60 * scale)
+    img = dots_image(h, w, pts, radius=3.0 * scale)
+    crop, m = align_face(img, pts)
+    assert crop.shape == (3, 112, 112)
+    np.testing.assert_allclose(apply_transform(m, pts), ARCFACE_TEMPLATE_112, atol=1e-6)
+    np.testing.assert_allclose(centroids(crop), ARCFACE_TEMPLATE_112, atol=0.6)
+
+
+def test_huge_photo_costs_about_as_much_as_a_small_one():
+    # an 8k photo with a face 2000 px wide: only the face region is read, then shrunk with antialiasing
+    pts = 18 * ARCFACE_TEMPLATE_112 + np.array([3000.0, 1000.0])
+    img = torch.zeros(3, 4320, 7680)
+    t0 = time.perf_counter()
+    crop, _ = align_face(img, pts)
+    assert crop.shape == (3, 112, 112)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_template_scales():
+    np.testing.assert_allclose(template(224), ARCFACE_TEMPLATE_112 * 2)

@@ -1,0 +1,39 @@
+"""insightface pack folders: the usual layouts are found, the nested mistake accepted, gaps named."""
+
+from __future__ import annotations
+
+import pytest
+from dreamid_core import ModelFilesError
+from dreamid_core.insightface_detector import PACKS, resolve_pack_dir
+
+
+def fill(folder, files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (folder / f).write_bytes(b"onnx")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["models/{p}", "{p}", "models/{p}/{p}"])
+def test_layouts_are_found(tmp_path, layout):
+    pack = "antelopev2"
+    folder = fill(tmp_path / layout.format(p=pack), PACKS[pack]["files"])
+    assert resolve_pack_dir(tmp_path, pack) == folder
+
+
+def test_missing_folder_names_where_and_what(tmp_path):
+    with pytest.raises(ModelFilesError, match=r"does not exist.*models/antelopev2/.*scrfd_10g_bnkps.onnx.*mtcnn"):
+        resolve_pack_dir(tmp_path / "nowhere", "antelopev2")
+
+
+def test_incomplete_pack_lists_what_is_there(tmp_path):
+    fill(tmp_path / "models" / "buffalo_l", ["w600k_r50.onnx", "genderage.onnx"])
+    with pytest.raises(ModelFilesError, match=r"found only \['genderage.onnx', 'w600k_r50.onnx'\].*det_10g.onnx"):
+        resolve_pack_dir(tmp_path, "buffalo_l")
+
+
+def test_empty_folder_and_unknown_pack(tmp_path):
+    with pytest.raises(ModelFilesError, match="no .onnx files"):
+        resolve_pack_dir(tmp_path, "antelopev2")
+    with pytest.raises(ValueError, match="unknown insightface pack 'buffalo_s'"):
+        resolve_pack_dir(tmp_path, "buffalo_s")
