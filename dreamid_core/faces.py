@@ -9,7 +9,7 @@ whose message says which image, what was tried and what to do.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,17 +162,20 @@ class FacePipeline:
                           image_size=(w, h), num_faces=len(faces), attempt=attempt)
 
     def process(self, images: Any, *, face_index: int = 0, order: str = "largest",
-                on_missing: str = "error") -> PipelineReport:
+                on_missing: str = "error", callback: Callable[[int, int], None] | None = None) -> PipelineReport:
         """A batch of photos of one person -> aligned faces. ``on_missing``: "error" or "skip".
 
         Skipped photos are logged as warnings and listed in the report; if every photo is
         skipped, :class:`FaceNotFoundError` is raised anyway (never an empty result).
+        ``callback(i, n)`` runs before photo ``i`` of ``n`` (progress bars, interruption).
         """
         if on_missing not in ON_MISSING:
             raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
         photos = to_rgb_list(images)
         report = PipelineReport(faces=[])
         for i, photo in enumerate(photos):
+            if callback is not None:
+                callback(i, len(photos))
             try:
                 report.faces.append(self.process_one(photo, image_index=i, face_index=face_index, order=order))
             except (FaceNotFoundError, FaceSelectionError) as exc:

@@ -1,0 +1,69 @@
+"""One identity, ready to splice into a prompt: S* per text encoder plus where it came from.
+
+:func:`encode_identity` is the whole photo -> S* path (face pipeline, then the encoder), shared by
+the ComfyUI node and the command line so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .encoder import IDEncoder
+from .errors import IncompatibleEncoderError
+from .faces import FacePipeline, PipelineReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IdentityEmbeds:
+    """S* for each text encoder (``{"clip_h": [k, 1024]}``; SDXL ``{"clip_l", "clip_g"}``), float32 CPU."""
+
+    parts: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return next(iter(self.parts.values())).shape[0]
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {k: int(v.shape[-1]) for k, v in self.parts.items()}
+
+    def vectors_for(self, key: str, width: int, where: str = "text encoder") -> torch.Tensor:
+        """S* for text encoder ``key`` (e.g. "clip_l"), checked against that encoder's ``width``."""
+        if key not in self.parts:
+            raise IncompatibleEncoderError(
+                f"this identity was made for {sorted(self.parts)} (target {self.info.get('target', '?')}), but the "
+                f"{where} has {key}. Use an encoder trained for this model family (SD1.x: clip_l, SD2.x: clip_h, "
+                "SDXL: clip_l + clip_g).")
+        vec = self.parts[key]
+        if vec.shape[-1] != width:
+            raise IncompatibleEncoderError(
+                f"S* for {key} is {vec.shape[-1]} wide but the {where}'s word embeddings are {width} wide "
+                f"(identity target {self.info.get('target', '?')}). Use an encoder trained for this checkpoint's "
+                "text encoder (SD1.x 768, SD2.x 1024, SDXL 768 + 1280).")
+        return vec
+
+
+def encode_identity(encoder: IDEncoder, pipeline: FacePipeline, images: Any, *, scale: float = 1.0,
+                    combine: str = "average", face_index: int = 0, order: str = "largest",
+                    on_missing: str = "error", device: torch.device | str | None = None,
+                    callback: Callable[[int, int], None] | None = None) -> tuple[IdentityEmbeds, PipelineReport]:
+    """Photos of ONE person -> (S*, the face report). Detection runs on the CPU; the encoder where it is.
+
+    ``callback(i, n)`` runs before each photo (progress bars, interruption points)."""
+    report = pipeline.process(images, face_index=face_index, order=order, on_missing=on_missing, callback=callback)
+    param = next(encoder.parameters())
+    crops = pipeline.crops(report).to(device=device or param.device, dtype=param.dtype)  # [N, 3, 112, 112]
+    with torch.inference_mode():
+        s = encoder.encode(crops, scale=scale, combine=combine)  # [k, out_dim]
+    parts = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.split(s).items()}
+    info = {"target": encoder.config.target, "num_images": len(report.faces), "skipped": len(report.skipped),
+            "scale": scale, "combine": combine, "source": getattr(encoder, "source_path", None)}
+    return IdentityEmbeds(parts=parts, info=info), report

@@ -1,0 +1,98 @@
+"""Install step that ComfyUI-Manager runs after ``requirements.txt`` (or run it yourself).
+
+    python install.py            # fix what needs fixing
+    python install.py --dry-run  # only say what it would do
+
+It does two things pip cannot express in requirements.txt:
+
+1. **Exactly one onnxruntime.** insightface depends on the CPU package ``onnxruntime``; installing
+   ``onnxruntime-gpu`` beside it makes both write into the same folder, and CUDA face detection
+   silently disappears (the most reported install failure of identity packs). On a CUDA build of
+   torch we keep ``onnxruntime-gpu`` alone; otherwise ``onnxruntime`` alone. A user's own single
+   flavour (DirectML, ROCm, OpenVINO, silicon) is left alone. ``DREAMID_ORT=cpu|gpu|skip`` overrides.
+2. **The built-in face detector's weights.** ``facenet-pytorch`` carries the MTCNN weights (2 MB) in
+   its wheel, but its metadata pins torch < 2.3, so it is installed with ``--no-deps``: only its
+   files arrive, ComfyUI's torch is not touched. Its code is never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import logging
+import os
+import subprocess
+import sys
+
+logger = logging.getLogger("dreamid.install")
+
+ORT_FLAVOURS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-rocm",
+                "onnxruntime-silicon", "onnxruntime-openvino", "onnxruntime-qnn")
+FACENET = "facenet-pytorch==2.6.0"
+
+
+def installed(names) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(getattr(torch.version, "cuda", None)) and sys.platform != "darwin"
+
+
+def plan(ort: dict[str, str], cuda: bool, facenet_installed: bool, override: str | None = None) -> list[list[str]]:
+    """pip argument lists to run, in order (pure: the tests call it with made-up states)."""
+    steps: list[list[str]] = []
+    if override not in (None, "", "cpu", "gpu", "skip"):
+        raise ValueError(f"DREAMID_ORT must be cpu, gpu or skip, got {override!r}")
+    if override != "skip":
+        want = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime"}.get(override or "",
+                                                                    "onnxruntime-gpu" if cuda else "onnxruntime")
+        others = sorted(k for k in ort if k != want)
+        own_single = len(ort) == 1 and not override and next(iter(ort)) not in ("onnxruntime", "onnxruntime-gpu")
+        if own_single:
+            pass  # the user chose a special flavour on purpose
+        elif others:
+            # uninstall every flavour first: they share files, so removing one breaks the other
+            steps.append(["uninstall", "-y", *sorted(ort)])
+            steps.append(["install", want])
+        elif want not in ort:
+            steps.append(["install", want])
+    if not facenet_installed:
+        steps.append(["install", "--no-deps", FACENET])
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="print the pip commands without running them")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[DreamIdentity install] %(message)s")
+    ort = installed(ORT_FLAVOURS)
+    steps = plan(ort, torch_cuda(), "facenet-pytorch" in installed(["facenet-pytorch"]), os.environ.get("DREAMID_ORT"))
+    logger.info("onnxruntime now: %s; torch CUDA: %s", ort or "none", torch_cuda())
+    if not steps:
+        logger.info("nothing to do")
+    for step in steps:
+        cmd = [sys.executable, "-m", "pip", *step]
+        logger.info("%s", " ".join(cmd))
+        if not args.dry_run:
+            result = subprocess.run(cmd, check=False)
+            if result.returncode != 0:
+                logger.error("pip failed (exit %d) on: %s. Run it by hand and read pip's message.",
+                             result.returncode, " ".join(cmd))
+                return result.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""DreamID_LoadIDEncoder and DreamID_EncodeFace: encoder file + photos -> S* (thin over dreamid_core)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+from ..dreamid_core import COMBINE_MODES, EncoderConfig, FacePipeline, load_encoder, make_detector
+from ..dreamid_core.detectors import BUILTIN, detector_names
+from ..dreamid_core.errors import ModelFilesError
+from ..dreamid_core.faces import ON_MISSING, ORDERS
+from ..dreamid_core.identity import encode_identity
+from ..dreamid_core.insightface_detector import resolve_pack_dir
+from ..dreamid_core.runtime import PROVIDER_CHOICES, check_onnxruntime
+from .paths import (
+    BACKBONE_IN_FILE,
+    ENCODER_FOLDER,
+    INSIGHTFACE_FOLDER,
+    backbone_files,
+    encoder_files,
+    encoder_path,
+)
+
+logger = logging.getLogger(__name__)
+CATEGORY = "DreamIdentity"
+
+
+@dataclass
+class EncoderBundle:
+    """What DREAMID_ENCODER carries: the encoder in a ModelPatcher, the face pipeline, its config."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    pipeline: FacePipeline
+    config: EncoderConfig
+    name: str
+
+
+def _insightface_root(pack: str) -> Path:
+    tried = []
+    for root in folder_paths.get_folder_paths(INSIGHTFACE_FOLDER):
+        try:
+            resolve_pack_dir(root, pack)
+            return Path(root)
+        except ModelFilesError as exc:
+            tried.append(str(exc))
+    raise ModelFilesError(" | ".join(tried) or f"no models/insightface folder is registered for {pack}")
+
+
+class DreamIDLoadIDEncoder:
+    DESCRIPTION = ("Loads a DreamIdentity encoder (face ViT + M² projection) from models/dreamidentity and the face "
+                   "detector used to find and align faces. The encoder lives on ComfyUI's devices and is offloaded "
+                   "like any model.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder_name": (encoder_files(), {"tooltip": "Encoder .safetensors in models/dreamidentity (from "
+                                                              "training.export). Its metadata says which model "
+                                                              "family it is for."}),
+                "face_detector": (detector_names(), {"default": BUILTIN, "tooltip": (
+                    "mtcnn: built in, no download. insightface/<pack>: your antelopev2 or buffalo_l files in "
+                    "models/insightface/models/<pack>/ (more accurate on hard photos).")}),
+                "provider": (list(PROVIDER_CHOICES), {"default": "auto", "tooltip": (
+                    "Where insightface detection runs (onnxruntime). Falls back to the CPU, with a warning, when "
+                    "the choice is not available.")}),
+            },
+            "optional": {
+                "backbone_name": (backbone_files(), {"default": BACKBONE_IN_FILE, "tooltip": (
+                    "Only for encoder files exported without their face backbone: the arcface_torch checkpoint "
+                    "(.pt, read with weights_only) they were trained with.")}),
+            },
+        }
+
+    RETURN_TYPES = ("DREAMID_ENCODER",)
+    RETURN_NAMES = ("encoder",)
+    OUTPUT_TOOLTIPS = ("The encoder and face detector, for DreamID_EncodeFace.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, encoder_name, face_detector, provider, backbone_name=BACKBONE_IN_FILE):
+        path = encoder_path(encoder_name)
+        backbone = None
+        if backbone_name and backbone_name != BACKBONE_IN_FILE:
+            backbone = folder_paths.get_full_path_or_raise(ENCODER_FOLDER, backbone_name)
+        encoder = load_encoder(path, backbone_path=backbone).eval()
+        load_device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        encoder.to(offload)
+        patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload,
+                                                   size=mm.module_size(encoder))
+        root = _insightface_root(face_detector.split("/", 1)[1]) if face_detector != BUILTIN else None
+        if face_detector != BUILTIN:
+            check_onnxruntime()
+        detector = make_detector(face_detector, insightface_root=root, provider=provider)
+        logger.info("DreamIdentity encoder %s: target %s, k=%d, detector %s", encoder_name, encoder.config.target,
+                    encoder.config.num_tokens, detector.name)
+        return (EncoderBundle(patcher, FacePipeline(detector), encoder.config, encoder_name),)
+
+
+class DreamIDEncodeFace:
+    DESCRIPTION = ("Finds the face in each photo (several photos of ONE person are combined), aligns it and encodes "
+                   "it into S*: k pseudo-words for DreamID_InjectIDTokens or DreamID_SaveIDEmbedding. Also outputs "
+                   "the aligned crops (preview) and the face layout for DreamID_ScenePosition.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder": ("DREAMID_ENCODER", {"tooltip": "From DreamID_LoadIDEncoder."}),
+                "image": ("IMAGE", {"tooltip": "One photo, or a batch of photos of the same person."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip": (
+                    "Multiplies S*. Lower gives the prompt more freedom, higher holds the identity harder; "
+                    "0 switches the identity off.")}),
+                "combine": (list(COMBINE_MODES), {"default": "average", "tooltip": (
+                    "Several photos: average their S* (default), average their face features before the "
+                    "projection, or use the first photo only.")}),
+                "face_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": (
+                    "Which face when a photo shows several: 0 is the largest (or leftmost, see face_order).")}),
+                "face_order": (list(ORDERS), {"default": "largest", "tooltip": "How face_index counts faces."}),
+                "on_missing": (list(ON_MISSING), {"default": "error", "tooltip": (
+                    "A photo without a face: stop with an error, or skip it with a warning. If every photo "
+                    "is skipped it is an error anyway.")}),
+            }
+        }
+
+    RETURN_TYPES = ("DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT")
+    RETURN_NAMES = ("id_embeds", "aligned_faces", "face_layout")
+    OUTPUT_TOOLTIPS = ("S*: the identity as k word embeddings.", "The aligned 112x112 face crops that were encoded.",
+                       "Where the first face sits in its photo (for DreamID_ScenePosition).")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, encoder: EncoderBundle, image, strength, combine, face_index, face_order, on_missing):
+        n = int(image.shape[0])
+        bar = comfy.utils.ProgressBar(n)
+
+        def step(i, total):
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(i, total)
+
+        mm.load_models_gpu([encoder.patcher])
+        embeds, report = encode_identity(encoder.patcher.model, encoder.pipeline, image, scale=strength,
+                                         combine=combine, face_index=face_index, order=face_order,
+                                         on_missing=on_missing, device=encoder.patcher.load_device, callback=step)
+        bar.update_absolute(n, n)
+        embeds.info["encoder"] = encoder.name
+        crops = torch.stack([f.crop for f in report.faces]).permute(0, 2, 3, 1).contiguous()  # [N, 112, 112, 3]
+        layout = report.faces[0].layout()
+        layout["image_index"] = report.faces[0].image_index
+        return (embeds, crops.to(mm.intermediate_device(), torch.float32), layout)
