@@ -71,7 +71,8 @@ def to_rgb_uint8(image: Any, where: str = "image") -> np.ndarray:
         c -= 1
     if c == 1:
         arr = np.repeat(arr, 3, axis=-1)
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()  # torch.from_numpy warns on read-only arrays
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""The face pipeline on real photos (from the insightface wheel) with the real MTCNN weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dreamid_core import FaceNotFoundError, FacePipeline, FaceSelectionError, make_detector
+from dreamid_core.align import ARCFACE_TEMPLATE_112
+from dreamid_core.images import load_image
+
+_spec = importlib.util.find_spec("insightface")
+IMAGES = Path(_spec.origin).parent / "data" / "images" if _spec and _spec.origin else None
+pytestmark = pytest.mark.skipif(IMAGES is None or importlib.util.find_spec("facenet_pytorch") is None,
+                                reason="needs insightface (sample photos) and facenet-pytorch (MTCNN weights)")
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> FacePipeline:
+    return FacePipeline(make_detector("mtcnn"))
+
+
+@pytest.fixture(scope="module")
+def group() -> np.ndarray:
+    return load_image(IMAGES / "t1.jpg")
+
+
+def test_detects_all_faces_largest_first(pipeline, group):
+    faces, attempt = pipeline.detect(group)
+    assert len(faces) == 6 and attempt == "longest side 640 px"
+    areas = [f.area for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    result = pipeline.process_one(group)
+    assert result.num_faces == 6 and result.detection.area == max(areas)
+
+
+def test_alignment_puts_eyes_and_mouth_on_the_template(pipeline, group):
+    t = ARCFACE_TEMPLATE_112
+    # every face but the one in profile (index 2); smiles widen mouths, so the mouth CENTRE is checked
+    for index in (0, 1, 3, 4, 5):
+        result = pipeline.process_one(group, face_index=index)
+        assert result.crop.shape == (3, 112, 112)
+        # independent check: detect again in the aligned crop and compare with the template
+        crop = (result.crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        lm = pipeline.detect(crop)[0][0].landmarks
+        eyes = np.linalg.norm(lm[:2].mean(0) - t[:2].mean(0))
+        mouth = np.linalg.norm(lm[3:].mean(0) - t[3:].mean(0))
+        assert eyes < 4.5 and mouth < 6.5, f"face {index}: eyes off by {eyes:.1f} px, mouth by {mouth:.1f} px"
+    largest = pipeline.process_one(group).aligned_landmarks
+    assert np.linalg.norm(largest[[0, 1, 3, 4]] - t[[0, 1, 3, 4]], axis=1).max() < 3.0
+
+
+def test_face_index_and_order(pipeline, group):
+    left = pipeline.process_one(group, face_index=0, order="left_to_right")
+    right = pipeline.process_one(group, face_index=5, order="left_to_right")
+    assert left.detection.box[0] < 200 < 1000 < right.detection.box[0]
+    with pytest.raises(FaceSelectionError, match=r"face_index 6.*6 face\(s\).*0..5"):
+        pipeline.process_one(group, face_index=6)
+
+
+def test_tight_crop_is_found_on_retry(pipeline):
+    tom = load_image(IMAGES / "Tom_Hanks_54745.png")  # 112x112, the face fills the frame
+    result = pipeline.process_one(tom)
+    assert result.num_faces == 1 and result.detection.score > 0.9
+
+
+def test_no_face_says_what_was_tried(pipeline):
+    with pytest.raises(FaceNotFoundError) as info:
+        pipeline.process_one(load_image(IMAGES / "mask_white.jpg"), image_index=2)
+    msg = str(info.value)
+    assert "image 2 (680x366 px)" in msg and "mtcnn" in msg and "padding" in msg and "crop closer" in msg
+
+
+def test_batch_of_different_sizes_greyscale_and_rgba(pipeline, group):
+    grey = np.asarray(group.mean(axis=2), dtype=np.uint8)  # [H, W] greyscale
+    rgba = np.concatenate([group[100:500, 400:700], np.full((400, 300, 1), 255, np.uint8)], axis=2)
+    comfy_like = torch.from_numpy(group[:600, 350:1280]).float()[None] / 255.0  # [1, H, W, 3] float
+    report = pipeline.process([group, grey, rgba, comfy_like[0]])
+    assert len(report.faces) == 4 and not report.skipped
+    assert report.faces[1].num_faces == 6  # greyscale: every face still found
+    colour_boxes = np.array([f.box for f in pipeline.detect(group)[0]])
+    grey_box = np.asarray(report.faces[1].detection.box)
+    assert np.abs(colour_boxes - grey_box).max(axis=1).min() < 8  # the chosen face is one of the colour faces
+
+
+def test_skip_photos_without_a_face(pipeline, group, caplog):
+    mask = load_image(IMAGES / "mask_blue.jpg")
+    report = pipeline.process([mask, group], on_missing="skip")
+    assert [f.image_index for f in report.faces] == [1] and report.skipped[0][0] == 0
+    assert "skipping image 0 of 2" in caplog.text
+    with pytest.raises(FaceNotFoundError, match="No usable face in any of the 1 photo"):
+        pipeline.process([mask], on_missing="skip")
+    with pytest.raises(FaceNotFoundError):
+        pipeline.process([mask, group], on_missing="error")
+
+
+def test_8k_photo_in_bounded_time(pipeline, group):
+    big = np.asarray(torch.nn.functional.interpolate(
+        torch.from_numpy(group).permute(2, 0, 1)[None].float(), size=(4320, 6243), mode="bilinear")[0]
+        .permute(1, 2, 0).round().to(torch.uint8))
+    t0 = time.perf_counter()
+    result = pipeline.process_one(big)
+    elapsed = time.perf_counter() - t0
+    assert result.num_faces == 6
+    small = pipeline.process_one(group)
+    np.testing.assert_allclose(np.asarray(result.detection.box) / (6243 / 1280), small.detection.box, atol=6)
+    assert elapsed < 20, f"8k photo took {elapsed:.1f} s"

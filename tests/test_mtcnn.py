@@ -1,0 +1,179 @@
+"""The built-in MTCNN detector on real photos (the sample images shipped in the insightface wheel)
+with the real weights (shipped in the facenet-pytorch wheel). CPU, a few seconds in all.
+
+Tests that need either package skip with a printed reason when it is missing; the error-path
+tests need neither.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dreamid_core.detection import Detection
+from dreamid_core.errors import ImageInputError, ModelFilesError, WeightFormatError
+from dreamid_core.mtcnn import INSTALL_FIX, WEIGHT_FILES, MTCNNDetector, locate_weights
+
+FIX = "pip install --no-deps facenet-pytorch==2.6.0"
+
+
+def _skip(reason: str) -> None:
+    print(f"\nSKIP: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def images() -> Path:
+    spec = importlib.util.find_spec("insightface")  # not imported: that takes seconds
+    if spec is None or spec.origin is None:
+        _skip("insightface is not installed; its wheel carries the sample photos these tests use")
+    folder = Path(spec.origin).parent / "data" / "images"
+    if not (folder / "t1.jpg").is_file():
+        _skip(f"insightface's sample photos are not at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detector() -> MTCNNDetector:
+    try:
+        importlib.metadata.distribution("facenet-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        _skip(f"facenet-pytorch is not installed (it carries the MTCNN weights): {FIX}")
+    return MTCNNDetector()
+
+
+def _load(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def t1_faces(detector: MTCNNDetector, images: Path) -> list[Detection]:
+    return detector.detect(_load(images / "t1.jpg"))
+
+
+def test_t1_finds_the_six_players(t1_faces: list[Detection]) -> None:
+    confident = [d for d in t1_faces if d.score > 0.9]
+    assert len(confident) == 6, [(round(d.score, 3), d.box) for d in t1_faces]
+    scores = [d.score for d in t1_faces]
+    assert scores == sorted(scores, reverse=True)
+    for d in confident:
+        x1, y1, x2, y2 = d.box
+        lm = d.landmarks
+        assert lm.shape == (5, 2) and lm.dtype == np.float32
+        assert 40 < x2 - x1 < 200 and 40 < y2 - y1 < 200  # the faces in t1 are ~100 px
+        assert ((lm[:, 0] > x1) & (lm[:, 0] < x2) & (lm[:, 1] > y1) & (lm[:, 1] < y2)).all(), (d.box, lm)
+        left_eye, right_eye, nose, mouth_left, mouth_right = lm
+        assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]
+        assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1]), lm
+        inter_ocular = float(np.linalg.norm(right_eye - left_eye))
+        assert 0.2 < inter_ocular / (x2 - x1) < 0.7, (inter_ocular, d.box)
+
+
+def test_tight_face_crop(detector: MTCNNDetector, images: Path) -> None:
+    faces = [d for d in detector.detect(_load(images / "Tom_Hanks_54745.png")) if d.score > 0.9]
+    assert len(faces) == 1
+
+
+@pytest.mark.parametrize("name", ["mask_white.jpg", "mask_blue.jpg"])
+def test_face_masks_are_not_faces(detector: MTCNNDetector, images: Path, name: str) -> None:
+    assert [d for d in detector.detect(_load(images / name)) if d.score > 0.9] == []
+
+
+def test_weights_match_the_published_keys(detector: MTCNNDetector) -> None:
+    folder = locate_weights()
+    for net, file in zip((detector.pnet, detector.rnet, detector.onet), WEIGHT_FILES, strict=True):
+        published = torch.load(folder / file, map_location="cpu", weights_only=True)
+        ours = net.state_dict()
+        assert list(ours) == list(published), file
+        assert all(ours[k].shape == published[k].shape and torch.equal(ours[k], published[k]) for k in ours)
+
+
+def test_detect_is_deterministic(detector: MTCNNDetector, images: Path,
+                                 t1_faces: list[Detection]) -> None:
+    again = detector.detect(_load(images / "t1.jpg"))
+    assert [(d.box, d.score) for d in again] == [(d.box, d.score) for d in t1_faces]
+    assert all(np.array_equal(a.landmarks, b.landmarks) for a, b in zip(again, t1_faces, strict=True))
+
+
+def test_huge_image_is_detected_downscaled(detector: MTCNNDetector, images: Path,
+                                           t1_faces: list[Detection]) -> None:
+    from PIL import Image
+
+    with Image.open(images / "t1.jpg") as im:
+        width, height = im.size
+        scale = 6000 / width
+        big = np.array(im.convert("RGB").resize((6000, round(height * scale)), Image.Resampling.BILINEAR))
+    start = time.perf_counter()
+    faces = [d for d in detector.detect(big) if d.score > 0.9]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 8.0, f"{elapsed:.1f} s for a 6000 px photo"
+    assert len(faces) == 6
+    for ref in [d for d in t1_faces if d.score > 0.9]:
+        best = max(faces, key=lambda d: _iou(tuple(v / scale for v in d.box), ref.box))
+        back = tuple(v / scale for v in best.box)
+        assert _iou(back, ref.box) > 0.85, (back, ref.box)
+        size = ref.box[2] - ref.box[0]
+        assert np.abs(np.asarray(back) - np.asarray(ref.box)).max() < 0.08 * size
+        assert np.abs(best.landmarks / scale - ref.landmarks).max() < 0.08 * size
+
+
+def test_degenerate_and_invalid_input(detector: MTCNNDetector) -> None:
+    assert detector.detect(np.zeros((11, 500, 3), np.uint8)) == []
+    assert detector.detect(np.zeros((20, 9000, 3), np.uint8)) == []  # under 12 px once downscaled
+    assert detector.detect(np.full((64, 64, 3), 128, np.uint8)) == []
+    with pytest.raises(ImageInputError):
+        detector.detect(np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ImageInputError):
+        detector.detect(np.zeros((64, 64), np.uint8))
+
+
+def test_missing_weights_dir(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesError) as info:
+        MTCNNDetector(weights_dir=tmp_path / "nowhere")
+    assert FIX in str(info.value) and "nowhere" in str(info.value)
+    (tmp_path / "pnet.pt").write_bytes(b"")
+    with pytest.raises(ModelFilesError, match="rnet.pt, onet.pt"):
+        MTCNNDetector(weights_dir=tmp_path)
+
+
+def test_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    def absent(name: str):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with pytest.raises(ModelFilesError) as info:
+        MTCNNDetector()
+    message = str(info.value)
+    assert "facenet-pytorch" in message and FIX in message and "--no-deps because" in message
+    assert INSTALL_FIX in message
+
+
+def test_corrupt_or_foreign_weight_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in WEIGHT_FILES:
+        (tmp_path / name).write_bytes(rng.bytes(4096))
+    with pytest.raises(WeightFormatError, match="pnet.pt"):
+        MTCNNDetector(weights_dir=tmp_path)
+    torch.save([torch.zeros(3)], tmp_path / "pnet.pt")  # loads with weights_only, but is no state dict
+    with pytest.raises(WeightFormatError, match="pnet.pt"):
+        MTCNNDetector(weights_dir=tmp_path)
+    torch.save({"conv1.weight": torch.zeros(10, 3, 3, 3)}, tmp_path / "pnet.pt")  # keys missing
+    with pytest.raises(WeightFormatError, match="pnet.pt"):
+        MTCNNDetector(weights_dir=tmp_path)
