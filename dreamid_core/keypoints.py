@@ -1,7 +1,7 @@
 """Scene switch: place a reference face's keypoints on a canvas and draw a ControlNet hint.
 
 The five detected landmarks (or the frontal ArcFace template) keep their shape (pose); they are
-moved so the face centre sits at ``(x, y)`` (fractions of the canvas) and scaled so the face is
+moved so the face centre sits at ``(x, y)`` (fractions of the canvas; values outside 0..1 put the centre past an edge) and scaled so the face is
 ``size`` of the canvas height. Two hint styles: OpenPose (COCO-18 head: nose, neck, eyes, ears,
 with OpenPose's colours) and InstantID-style 5-point keypoints.
 """
@@ -120,4 +120,4 @@ def draw_hint(placement: Placement, style: str = "openpose") -> np.ndarray:
     draw_p = ImageDraw.Draw(out)
     for k, p in pts.items():
         draw_p.ellipse([p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius], fill=colours[k])
-    return np.asarray(out)
+    return np.array(out)  # a writable copy

@@ -19,7 +19,7 @@ class DreamIDScenePosition:
 
     @classmethod
     def INPUT_TYPES(cls):
-        frac = {"min": 0.0, "max": 1.0, "step": 0.01}
+        frac = {"min": -1.0, "max": 2.0, "step": 0.01}  # beyond 0..1: a head partly off the edge
         return {
             "required": {
                 "positive": ("CONDITIONING", {"tooltip": "Positive conditioning (e.g. from DreamID_InjectIDTokens)."}),
@@ -29,8 +29,8 @@ class DreamIDScenePosition:
                                   "tooltip": "Canvas width: the size of the image you generate."}),
                 "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8,
                                    "tooltip": "Canvas height: the size of the image you generate."}),
-                "x": ("FLOAT", {"default": 0.5, **frac, "tooltip": "Face centre, fraction of the width (0 left)."}),
-                "y": ("FLOAT", {"default": 0.4, **frac, "tooltip": "Face centre, fraction of the height (0 top)."}),
+                "x": ("FLOAT", {"default": 0.5, **frac, "tooltip": "Face centre, fraction of the width (0 left, 1 right; outside 0..1 crops the head at the edge)."}),
+                "y": ("FLOAT", {"default": 0.4, **frac, "tooltip": "Face centre, fraction of the height (0 top, 1 bottom)."}),
                 "head_size": ("FLOAT", {"default": 0.3, "min": 0.02, "max": 2.0, "step": 0.01,
                                         "tooltip": "Face height (forehead to chin) as a fraction of the canvas height."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
