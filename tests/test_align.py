@@ -7,7 +7,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from dreamid_core.align import ARCFACE_TEMPLATE_112, align_face, apply_transform, similarity_transform, template
+
+from dreamid_core.align import (
+    ARCFACE_TEMPLATE_112,
+    align_face,
+    apply_transform,
+    similarity_transform,
+    template,
+)
 
 
 def test_recovers_a_known_similarity():

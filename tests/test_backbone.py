@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dreamid_core import BackboneConfig, FaceViT, WeightFormatError, load_arcface_backbone
 from dreamid_core.weights import backbone_config_from_state_dict
 

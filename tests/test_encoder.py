@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, WeightFormatError
 
 TINY_BB = BackboneConfig(width=32, depth=12, num_heads=4, num_features=16, patch_size=28)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from dreamid_core import ImageInputError
 from dreamid_core.images import load_image, to_rgb_list, to_rgb_uint8
-from PIL import Image
 
 
 def test_greyscale_rgba_float_and_comfy_layouts():

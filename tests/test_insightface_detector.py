@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dreamid_core import ModelFilesError
 from dreamid_core.insightface_detector import PACKS, resolve_pack_dir
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dreamid_core.runtime import clash_message, onnxruntime_distributions, select_providers
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dreamid_core import TriggerNotFoundError, find_occurrences, splice_chunks, splice_ids, trigger_ids_from_chunks
+
+from dreamid_core import (
+    TriggerNotFoundError,
+    find_occurrences,
+    splice_chunks,
+    splice_ids,
+    trigger_ids_from_chunks,
+)
 
 START, END, PAD = 49406, 49407, 0
 TRIGGER = [338, 265]  # "S*" in the CLIP BPE

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from dreamid_core import (
     BackboneConfig,
     EncoderConfig,
@@ -16,7 +18,6 @@ from dreamid_core import (
     save_encoder,
 )
 from dreamid_core.weights import META_CONFIG, META_FORMAT
-from safetensors.torch import load_file, save_file
 
 BB = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from dreamid_core import MissingDependencyError, ModelFilesError
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,203 @@
+"""Every workflow in workflows/: runs through a real ComfyUI server with tiny models, opens in a
+real browser with no missing nodes; and the API's error paths name the node and the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfy_server import PromptRejected
+from PIL import Image
+from workflow_api import load_workflow, nodes_of, set_inputs, ui_to_api, use_tiny_clip
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+PACK = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
+ARTIFACTS = PACK / "test-artifacts"
+_spec = importlib.util.find_spec("insightface")
+IMAGES = Path(_spec.origin).parent / "data" / "images" if _spec and _spec.origin else None
+
+
+def model_files(workflow: dict) -> set[str]:
+    return {v for n in workflow["nodes"] for v in n.get("widgets_values") or []
+            if isinstance(v, str) and v.endswith(".safetensors")}
+
+
+def test_workflow_model_names_are_in_the_readme():
+    readme = (PACK / "README.md").read_text()
+    assert len(WORKFLOWS) >= 4
+    for path in WORKFLOWS:
+        for name in model_files(load_workflow(path)):
+            assert name in readme, f"{path.name} uses {name}, which the README's model table does not list"
+
+
+@pytest.fixture(scope="session")
+def server_files(comfyui, comfy_server):
+    """Tiny models under the README's file names, and real photos in the input folder (the model
+    writers use ComfyUI's own classes, hence the in-process ``comfyui``)."""
+    from comfy_tiny import write_tiny_controlnet, write_tiny_sd2_checkpoint
+
+    from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, save_encoder
+
+    if IMAGES is None:
+        pytest.skip("insightface (sample photos) is not installed")
+    names = {}
+    for path in WORKFLOWS:
+        for name in model_files(load_workflow(path)):
+            names[name] = path
+    write_tiny_sd2_checkpoint(comfy_server.models_dir("checkpoints") / "v2-1_512-ema-pruned.safetensors")
+    write_tiny_controlnet(comfy_server.models_dir("controlnet") / "control_v11p_sd21_openpose.safetensors")
+    torch.manual_seed(0)
+    bb = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
+    encoder = IDEncoder(EncoderConfig.for_target("sd2", bb, hidden_dim=64))
+    with torch.no_grad():  # S* about as large as real word embeddings
+        encoder.projections[0].out.weight.mul_(0.3)
+        encoder.projections[1].out.weight.mul_(0.3)
+    save_encoder(encoder, comfy_server.models_dir("dreamidentity") / "dreamid_sd21_base.safetensors")
+    group = Image.open(IMAGES / "t1.jpg").convert("RGB")
+    photos = {"face.png": group.crop((400, 180, 640, 460)), "face2.png": group.crop((360, 120, 700, 520)),
+              "group.png": group, "mask.png": Image.open(IMAGES / "mask_white.jpg").convert("RGB")}
+    tmp = ARTIFACTS / "inputs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, im in photos.items():
+        im.save(tmp / name)
+        comfy_server.upload_image(tmp / name)
+    return names
+
+
+def tiny(prompt: dict) -> dict:
+    """Shrink a workflow's prompt to the tiny models: 64 px, 2 steps, the 1024-wide tiny SD2 CLIP."""
+    use_tiny_clip(prompt, "sd2", 0, init_seed=0)
+    set_inputs(prompt, "EmptyLatentImage", width=64, height=64)
+    set_inputs(prompt, "KSampler", steps=2)
+    set_inputs(prompt, "DreamID_ScenePosition", width=64, height=64)
+    return prompt
+
+
+def images_of(server, result) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in server.output_files(result) if p.suffix == ".png"]
+
+
+def run_ok(server, prompt):
+    result = server.run(prompt, timeout=240)
+    assert result.ok, f"{result.error}\n{server.log_tail()}"
+    return result
+
+
+# the save workflow writes the embedding the reuse workflow reads: run it first
+ORDER = sorted(WORKFLOWS, key=lambda p: ("reuse" in p.name, p.name))
+
+
+@pytest.mark.parametrize("path", ORDER, ids=[p.stem for p in ORDER])
+def test_workflow_runs_on_the_server(comfy_server, server_files, path):
+    info = comfy_server.object_info()
+    prompt = tiny(ui_to_api(load_workflow(path), info))
+    result = run_ok(comfy_server, prompt)
+    saved = [p for p in comfy_server.output_files(result) if "DreamIdentity" in p.name]
+    assert saved and all(p.stat().st_size > 0 for p in saved), "no image written"
+    inject = nodes_of(prompt, "DreamID_InjectIDTokens")
+    if inject:  # the identity must change the result: same graph with plain text instead of S*
+        plain = json.loads(json.dumps(prompt))
+        for k in inject:
+            ins = plain[k]["inputs"]
+            plain[k] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ins["clip"], "text": ins["text"]}}
+        with_id, without = images_of(comfy_server, result), images_of(comfy_server, run_ok(comfy_server, plain))
+        assert with_id[0].shape == without[0].shape
+        assert np.abs(with_id[0].astype(int) - without[0].astype(int)).max() > 0, "S* had no effect"
+    if nodes_of(prompt, "DreamID_SaveIDEmbedding"):
+        assert (comfy_server.models_dir("embeddings") / "my_identity.safetensors").is_file()
+
+
+# -- errors seen from the API -----------------------------------------------------------------------
+
+def portrait(comfy_server) -> dict:
+    return tiny(ui_to_api(load_workflow(PACK / "workflows" / "dreamid_portrait_sd21.json"), comfy_server.object_info()))
+
+
+def error_of(comfy_server, prompt, node_type: str) -> str:
+    """The failing node's message; asserts it is ``node_type`` that failed."""
+    result = comfy_server.run(prompt, timeout=240)
+    assert not result.ok and result.error, "the prompt should have failed"
+    assert result.error["node_type"] == node_type, result.error
+    return result.error["exception_message"]
+
+
+def the(prompt, class_type) -> str:
+    (node,) = nodes_of(prompt, class_type)
+    return node
+
+
+def test_errors_name_the_node_and_the_fix(comfy_server, server_files):
+    seed = iter(range(1000, 2000))
+
+    def fresh(prompt):  # a new seed, so ComfyUI's cache cannot answer for a previous run
+        set_inputs(prompt, "KSampler", seed=next(seed))
+        return prompt
+
+    p = fresh(portrait(comfy_server))
+    p[the(p, "LoadImage")]["inputs"]["image"] = "mask.png"
+    err = error_of(comfy_server, p, "DreamID_EncodeFace")
+    assert "No face found in image 0" in err and "crop closer" in err
+
+    p = fresh(portrait(comfy_server))
+    p[the(p, "DreamID_InjectIDTokens")]["inputs"]["text"] = "a photo of a person"
+    assert "does not contain the trigger" in error_of(comfy_server, p, "DreamID_InjectIDTokens")
+
+    p = fresh(portrait(comfy_server))
+    for k in nodes_of(p, "DreamIDTest_TinyCLIP"):
+        p[k]["inputs"].update(kind="sd1", width=64)  # an SD1 CLIP with an SD2 encoder
+    assert re.search(r"made for \['clip_h'\].*has clip_l", error_of(comfy_server, p, "DreamID_InjectIDTokens"))
+
+    p = fresh(portrait(comfy_server))
+    p[the(p, "DreamID_LoadIDEncoder")]["inputs"]["face_detector"] = "insightface/antelopev2"
+    assert "scrfd_10g_bnkps.onnx" in error_of(comfy_server, p, "DreamID_LoadIDEncoder")
+
+    corrupt = comfy_server.models_dir("dreamidentity") / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    p = fresh(portrait(comfy_server))
+    p[the(p, "DreamID_LoadIDEncoder")]["inputs"]["encoder_name"] = "corrupt.safetensors"
+    assert "corrupt" in error_of(comfy_server, p, "DreamID_LoadIDEncoder")
+
+    p = fresh(portrait(comfy_server))
+    p[the(p, "DreamID_LoadIDEncoder")]["inputs"]["encoder_name"] = "missing.safetensors"
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.queue(p)
+    assert the(p, "DreamID_LoadIDEncoder") in json.dumps(rejected.value.body["node_errors"])
+
+    # the server keeps serving: the next good prompt succeeds
+    run_ok(comfy_server, fresh(portrait(comfy_server)))
+    history = comfy_server.run(fresh(portrait(comfy_server)), timeout=240).history
+    assert history  # still answering /history
+
+
+# -- the browser ----------------------------------------------------------------------------------
+
+@pytest.mark.browser
+def test_every_workflow_opens_in_the_browser_without_missing_nodes(comfy_server, server_files, browser_page):
+    page = browser_page
+    page.goto(comfy_server.url + "/")
+    page.wait_for_function("() => window.app && window.app.graph", timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    for path in WORKFLOWS:
+        page.evaluate("async (wf) => { await app.loadGraphData(wf); }", load_workflow(path))
+        page.wait_for_timeout(400)
+        state = page.evaluate("""() => ({
+            errors: app.graph.nodes.filter(n => n.has_errors).map(n => n.type),
+            dialogs: [...document.querySelectorAll('.p-dialog, .p-toast-message')].map(d => d.innerText),
+            types: app.graph.nodes.map(n => n.type)})""")
+        # no error nodes, no "missing nodes" dialog, no schema alert or other toast
+        assert state["errors"] == [] and state["dialogs"] == [], f"{path.name}: {state}"
+        assert any(t.startswith("DreamID_") for t in state["types"]) or "reuse" in path.name
+        page.screenshot(path=str(ARTIFACTS / f"workflow-{path.stem}.png"))
+        api = page.evaluate("async () => (await app.graphToPrompt()).output")
+        assert set(api) == set(ui_to_api(load_workflow(path), comfy_server.object_info()))
+    t0 = time.monotonic()
+    templates = page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")
+    assert any(sorted(v) == sorted(p.stem for p in WORKFLOWS) for v in templates.values()), templates
+    print(f"templates listed in {time.monotonic() - t0:.2f} s: {templates}")
