@@ -1,0 +1,227 @@
+"""``python -m training.build_dataset <step>``: DreamIdentity's self-augmented editing data.
+
+Steps, in order (each resumable: rerun after a crash and it continues; a rerun of a finished
+step logs "0 new items"; each can be split over processes with ``--shard i --num-shards n``).
+Start a step when every shard of the previous one has finished (``status`` shows what is pending;
+a rerun picks up items that appeared since)::
+
+    names             register the names of a names file (one per line) in the dataset
+    generate-sources  "<name> face, looking at the camera" -> detect/align, keep faces > --min-face px
+    generate-edits    the paper's edit prompts for every kept source (name replaced by S* in the record)
+    filter            identity + CLIP score of every edit; top --keep-fraction per template -> manifest.jsonl
+    merge             rebuild manifest.jsonl from the scores (e.g. with another --keep-fraction)
+    status            counts per step and shard; --verify also opens every image
+
+Example (SD2.1-base, as in the paper; nothing is downloaded, every model is a local path)::
+
+    python -m training.build_dataset names --out data/edit --names my_names.txt
+    python -m training.build_dataset generate-sources --out data/edit --base-model models/sd21-base \
+        --images-per-name 4 --shard 0 --num-shards 8        # one process per GPU, shards 0..7
+    python -m training.build_dataset generate-edits --out data/edit --base-model models/sd21-base
+    python -m training.build_dataset filter --out data/edit --face-model models/glintr100.onnx \
+        --clip-model models/clip-vit-base-patch32
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dreamid_core import DreamIDError, FacePipeline, ImageInputError, detector_names, make_detector
+from dreamid_core.images import load_image
+
+from .dataset_steps import (
+    MANIFEST,
+    BuildConfig,
+    StepSummary,
+    build_manifest,
+    edit_items,
+    generate_edits,
+    generate_sources,
+    register_names,
+    score_edits,
+)
+from .edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names
+from .jsonl import ShardBusyError, StepStore
+from .selection import COMBINE_METHODS
+
+logger = logging.getLogger("training.build_dataset")
+
+STEPS = ("names", "generate-sources", "generate-edits", "filter", "merge", "status")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("step", choices=STEPS)
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder (created; holds every step's files)")
+    p.add_argument("--shard", type=int, default=0, help="this process's shard, 0..num-shards-1")
+    p.add_argument("--num-shards", type=int, default=1, help="how many processes share the step")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its key")
+    p.add_argument("--trigger", default="S*", help="the word that replaces the name in training prompts")
+    p.add_argument("--batch-size", type=int, default=4, help="images per generation / scoring call")
+    p.add_argument("-v", "--verbose", action="store_true")
+    g = p.add_argument_group("names")
+    g.add_argument("--names", type=Path, default=EXAMPLE_NAMES, help="text file, one name per line")
+    g = p.add_argument_group("generation (generate-sources, generate-edits)")
+    g.add_argument("--base-model", type=Path, help="local diffusers folder or .safetensors (SD2.1-base in the paper)")
+    g.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
+    g.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="default: detected from the files")
+    g.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--height", type=int, help="default: the model's native size")
+    g.add_argument("--width", type=int, help="default: the model's native size")
+    g.add_argument("--negative-prompt", default="", help="text of the unconditional branch")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
+    g.add_argument("--images-per-name", type=int, default=4, help="source images generated per name")
+    g.add_argument("--min-face", type=float, default=128.0, help="keep a source face if its box's short side > this (px)")
+    g.add_argument("--templates", nargs="+", choices=list(EDIT_TEMPLATES), help="edit template ids (default: all)")
+    g.add_argument("--edits-per-prompt", type=int, default=1, help="edited images per source and template")
+    g = p.add_argument_group("faces (generate-sources, filter)")
+    g.add_argument("--detector", default="mtcnn", choices=detector_names())
+    g.add_argument("--insightface-root", type=Path, help="folder holding models/<pack>/ for insightface detectors")
+    g.add_argument("--provider", default="auto", help="onnxruntime provider: auto/cpu/cuda/rocm/coreml")
+    g.add_argument("--detect-retry", action=argparse.BooleanOptionalAction, default=True,
+                   help="retry faceless images at other sizes and padded (slower; rarely needed for generated images)")
+    g = p.add_argument_group("filter / merge")
+    g.add_argument("--face-model", type=Path, help="arcface_torch ViT .pt/.safetensors, or insightface glintr100.onnx "
+                                                   "/ w600k_r50.onnx: the identity score")
+    g.add_argument("--clip-model", type=Path, help="transformers CLIPModel folder: the text-image score")
+    g.add_argument("--keep-fraction", type=float, default=0.25, help="top share of each template's edits kept")
+    g.add_argument("--combine", default="rank", choices=COMBINE_METHODS, help="how identity and CLIP scores combine")
+    g.add_argument("--id-weight", type=float, default=0.5, help="identity score's share of the combined score")
+    g.add_argument("--allow-partial", action="store_true", help="merge: write the manifest with unscored edits left")
+    g.add_argument("--verify", action="store_true", help="status: open every image and report corrupt ones")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    return BuildConfig(out=args.out, shard=args.shard, num_shards=args.num_shards, seed=args.seed, trigger=args.trigger,
+                       images_per_name=args.images_per_name, min_face=args.min_face,
+                       templates=tuple(args.templates) if args.templates else None,
+                       edits_per_prompt=args.edits_per_prompt, batch_size=args.batch_size,
+                       keep_fraction=args.keep_fraction, combine=args.combine, id_weight=args.id_weight)
+
+
+def _require(args: argparse.Namespace, flag: str, step: str) -> Any:
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is None:
+        raise SystemExit(f"error: {step} needs {flag} (a local path; nothing is downloaded)")
+    return value
+
+
+def make_generator(args: argparse.Namespace) -> Any:
+    from .generation import DiffusersGenerator, resolve_device, resolve_dtype
+    from .models import load_base_model
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    base = load_base_model(_require(args, "--base-model", args.step), family=args.family, config=args.base_config,
+                           dtype=dtype).to(device)
+    return DiffusersGenerator(base, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                              negative_prompt=args.negative_prompt, trigger=args.trigger, device=device)
+
+
+def make_face_pipeline(args: argparse.Namespace) -> FacePipeline:
+    from .generation import resolve_device
+
+    device = str(resolve_device(args.device))
+    detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider, device=device)
+    return FacePipeline(detector, retry=args.detect_retry)
+
+
+def make_scorers(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .generation import resolve_device
+    from .metrics import ClipScorer, IdentityScorer
+
+    device = resolve_device(args.device)
+    identity = IdentityScorer(_require(args, "--face-model", "filter"), device=device, provider=args.provider)
+    clip = ClipScorer(_require(args, "--clip-model", "filter"), device=device)
+    return identity.load(), clip.load()  # fail before any work when a path is wrong
+
+
+def status(cfg: BuildConfig, verify: bool = False) -> dict[str, Any]:
+    """Records, outcomes and pending items per step (pending as the given flags define the items:
+    pass the same --images-per-name / --templates / --edits-per-prompt as the steps), per part file;
+    with ``verify`` also every unreadable image."""
+    names = StepStore(cfg.out, "names").records()
+    edits = StepStore(cfg.out, "edits").records()
+    expected = {"names": set(names),
+                "sources": {f"{slug}/{i:02d}" for slug in names for i in range(cfg.images_per_name)},
+                "edits": {it["key"] for it in edit_items(cfg)} if names else set(),
+                "scores": set(edits)}
+    report: dict[str, Any] = {}
+    for step in ("names", "sources", "edits", "scores"):
+        store = StepStore(cfg.out, step)
+        records = store.records()
+        outcome: dict[str, int] = {}
+        for r in records.values():
+            if step == "sources":
+                label = r["status"] if r.get("status") == "kept" else f"rejected:{r.get('reason')}"
+            elif step == "scores":
+                label = (r.get("reason") or "scored").split(":")[0]
+            else:
+                label = "done"
+            outcome[label] = outcome.get(label, 0) + 1
+        pending = len(expected[step] - set(records))
+        report[step] = {"records": len(records), "pending": pending, "parts": store.shard_counts(),
+                        "outcomes": outcome}
+        logger.info("%-8s %6d record(s), %d pending %s; parts: %s", step, len(records), pending, outcome or "",
+                    ", ".join(f"{k}: {v}" for k, v in report[step]["parts"].items()) or "none")
+    manifest = cfg.out / MANIFEST
+    logger.info("manifest: %s", manifest if manifest.is_file() else "not written yet")
+    if verify:
+        corrupt = []
+        for step, fields in (("sources", ("image", "crop")), ("edits", ("image",))):
+            for r in StepStore(cfg.out, step).records().values():
+                for f in fields:
+                    if r.get(f):
+                        try:
+                            load_image(cfg.out / r[f])
+                        except ImageInputError:
+                            corrupt.append(r[f])
+        report["corrupt"] = corrupt
+        if corrupt:
+            logger.warning("%d corrupt image file(s): %s", len(corrupt), ", ".join(corrupt))
+        else:
+            logger.info("verify: every image opens")
+    return report
+
+
+def run(args: argparse.Namespace) -> StepSummary | dict[str, Any]:
+    cfg = config_from_args(args)
+    if args.step == "names":
+        return register_names(cfg, load_names(args.names, trigger=args.trigger))
+    if args.step == "status":
+        return status(cfg, verify=args.verify)
+    if args.step == "merge":
+        return build_manifest(cfg, allow_partial=args.allow_partial)
+    if args.step == "filter":
+        identity, clip = make_scorers(args)
+        summary = score_edits(cfg, make_face_pipeline(args), identity, clip)
+        build_manifest(cfg)
+        return summary
+    generator = make_generator(args)
+    if args.step == "generate-sources":
+        return generate_sources(cfg, generator, make_face_pipeline(args))
+    return generate_edits(cfg, generator)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        run(args)
+    except (DreamIDError, FileNotFoundError, ValueError, ShardBusyError) as exc:
+        logger.error("%s", exc, exc_info=args.verbose)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
