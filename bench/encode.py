@@ -75,15 +75,16 @@ def main() -> None:
           f"{'CLIP-L/14':>9} | {'CLIP/ours (encoders)':>20}")
     image_t = to_tensor(portrait)
     for batch in (1, 8):
-        det = timed(lambda: [pipeline.detector.detect(portrait) for _ in range(batch)], args.repeats, sync) / batch
-        ali = timed(lambda: [align_face(image_t, detection.landmarks) for _ in range(batch)], args.repeats, sync) / batch
+        det = timed(lambda b=batch: [pipeline.detector.detect(portrait) for _ in range(b)], args.repeats, sync) / batch
+        ali = timed(lambda b=batch: [align_face(image_t, detection.landmarks) for _ in range(b)], args.repeats,
+                    sync) / batch
         faces = torch.rand(batch, 3, 112, 112, device=device)
         pixels = torch.rand(batch, 3, 224, 224, device=device)
         with torch.inference_mode():
             v = encoder.features(faces)
-            bb = timed(lambda: encoder.features(faces), args.repeats, sync) / batch
-            pr = timed(lambda: encoder.project(v), args.repeats, sync) / batch
-            cl = timed(lambda: clip(pixel_values=pixels).image_embeds, args.repeats, sync) / batch
+            bb = timed(lambda f=faces: encoder.features(f), args.repeats, sync) / batch
+            pr = timed(lambda x=v: encoder.project(x), args.repeats, sync) / batch
+            cl = timed(lambda p=pixels: clip(pixel_values=p).image_embeds, args.repeats, sync) / batch
         total = det + ali + bb + pr
         print(f"{batch:>5} | {det * 1e3:>7.1f}ms | {ali * 1e3:>6.2f}ms | {bb * 1e3:>7.2f}ms | {pr * 1e3:>6.3f}ms | "
               f"{total * 1e3:>8.1f}ms | {cl * 1e3:>7.2f}ms | {cl / (bb + pr):>19.2f}x")
