@@ -81,7 +81,9 @@ def tiny(prompt: dict) -> dict:
 
 
 def images_of(server, result) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p)) for p in server.output_files(result) if p.suffix == ".png"]
+    """The generated images (SaveImage "DreamIdentity*"), not previews of crops or control hints."""
+    return [np.asarray(Image.open(p)) for p in server.output_files(result)
+            if p.suffix == ".png" and p.name.startswith("DreamIdentity")]
 
 
 def run_ok(server, prompt):
@@ -182,9 +184,15 @@ def test_errors_name_the_node_and_the_fix(comfy_server, server_files):
 def test_every_workflow_opens_in_the_browser_without_missing_nodes(comfy_server, server_files, browser_page):
     page = browser_page
     page.goto(comfy_server.url + "/")
+    # the session's page may have an earlier test's workflow stored: forget it, start clean
+    page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
+    page.reload()
     page.wait_for_function("() => window.app && window.app.graph", timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)
     for path in WORKFLOWS:
+        page.keyboard.press("Escape")
+        page.evaluate("() => document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
+        page.wait_for_timeout(200)
         page.evaluate("async (wf) => { await app.loadGraphData(wf); }", load_workflow(path))
         page.wait_for_timeout(400)
         state = page.evaluate("""() => ({

@@ -1,0 +1,353 @@
+"""The training loop on tiny seeded models (CPU): it learns, only the MLPs train, a killed run resumes
+bit for bit, interrupted checkpoint writes are harmless, divergence stops the run, and the data
+pipeline skips bad photos. See tests/training_fixtures.py for the tiny setup."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from training_fixtures import insightface_images, make_setup, subprocess_env
+
+from training.checkpoint import CheckpointManager, is_complete
+from training.config import ConfigError, ExperimentConfig
+from training.data import TrainingData, collate, load_edit_manifest, prepare_recon, write_report
+from training.latents import LatentCache
+from training.sampler import MixSampler
+from training.setup import build_encoder, load_base
+from training.step import diffusion_loss, step_generator
+from training.train import RunFlags, TrainingDivergedError, train
+
+pytest.importorskip("accelerate")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; one thread keeps a busy 2-core box from oversubscribing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def setup_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def cfg(setup_root) -> ExperimentConfig:
+    return make_setup(setup_root)
+
+
+def flags(out: Path, **kw) -> RunFlags:
+    return RunFlags(output_dir=str(out), num_workers=0, report_to=kw.pop("report_to", "none"), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(cfg, setup_root):
+    """The uninterrupted 20-step run every resumed run must reproduce."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = setup_root / "reference"
+    result = train(cfg, flags(out, report_to="tensorboard", log_every=5))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return result
+
+
+def encoder_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / f"checkpoint-{step}" / "encoder.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+# -- learning -----------------------------------------------------------------------------------
+
+def test_twenty_steps_lower_the_loss_and_leave_a_checkpoint(reference):
+    losses = reference.losses
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.05, f"loss did not fall: first 5 {first:.4f}, last 5 {last:.4f} ({losses})"
+    run = reference.output_dir
+    assert (run / "latest").read_text().strip() == "checkpoint-20"
+    assert is_complete(run / "checkpoint-20") and is_complete(run / "checkpoint-10")
+    assert ExperimentConfig.load(run / "checkpoint-20" / "config.json") == ExperimentConfig.load(run / "config.json")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert list(run.glob("logs/**/events.out.tfevents.*")), "no TensorBoard event file"
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["edit"]["usable"] == 4 and report["edit"]["not_kept"] == 1
+
+
+def test_only_the_mlps_and_norms_get_gradients(cfg):
+    base = load_base(cfg, "cpu")
+    encoder = build_encoder(cfg, base)
+    data_items, _ = load_edit_manifest(cfg.edit_manifest)
+    from training.data import load_crop
+
+    crops = torch.stack([load_crop(it.crop, 112) for it in data_items[:2]])
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    parts = diffusion_loss(base, encoder, encoder.split, latents, crops, ["a photo of S*", "S* as a chef"],
+                           generator=step_generator(0, 0), reg_weight=cfg.reg_weight)
+    parts.loss.backward()
+    for name, p in encoder.named_parameters():
+        if name.startswith("backbone."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+    for mlp in encoder.projections:
+        assert all(p.grad.abs().sum() > 0 for p in mlp.parameters())
+    assert encoder.feature_norms[0].weight.grad.abs().sum() > 0
+    assert not encoder.backbone.training  # BatchNorm statistics stay as published
+    for module in [base.unet, base.vae, *base.text_encoders]:
+        assert not module.training
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+
+
+def test_backbone_lr_trains_the_backbone_in_its_own_group(cfg):
+    from training.setup import build_optimizer
+
+    base = load_base(cfg, "cpu")
+    encoder = build_encoder(cfg.replace(backbone_lr=1e-6), base)
+    opt = build_optimizer(cfg.replace(backbone_lr=1e-6), encoder)
+    assert [g["name"] for g in opt.param_groups] == ["projection", "backbone"]
+    assert opt.param_groups[1]["lr"] == 1e-6
+    trained = {n for n, p in encoder.backbone.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in encoder.backbone.named_parameters()} - {"mask_token"}  # unused by forward
+
+
+@pytest.mark.parametrize("family,prediction", [("sd2", "v_prediction"), ("sdxl", "epsilon")])
+def test_other_base_models_train(setup_root, family, prediction, tmp_path):
+    cfg = make_setup(setup_root, family=family, prediction_type=prediction, max_steps=3, cache_latents="off")
+    result = train(cfg, flags(tmp_path / "run"))
+    assert result.step == 3 and all(math.isfinite(x) for x in result.losses)
+
+
+# -- resuming --------------------------------------------------------------------------------------
+
+def test_sigkilled_run_resumes_bit_for_bit(cfg, reference, tmp_path):
+    """A real `python -m training.train`, killed with SIGKILL once checkpoint-10 exists, then resumed."""
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.train", "--config", str(cfg_path), "--output-dir", str(run),
+           "--num-workers", "0", "--report-to", "none", "--no-progress", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not (run / "latest").is_file():
+            assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read().decode()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    latest = CheckpointManager(run).latest()
+    assert latest is not None and latest.step == 10, "the run finished before it could be killed"
+    resumed = train(cfg, flags(run, resume=True))
+    assert resumed.step == 20
+    assert resumed.losses == reference.losses[10:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 21))  # the killed run's extra lines were dropped
+    assert_same_weights(encoder_tensors(run, 20), encoder_tensors(reference.output_dir, 20))
+
+
+def test_interrupted_checkpoint_write_never_becomes_latest(cfg, reference, tmp_path, monkeypatch):
+    import training.checkpoint as ckpt_mod
+
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **kw):  # disk full half-way through step 10's training state
+        if str(path).endswith("training_state.pt") and ".tmp-checkpoint-10" in str(path):
+            Path(path).write_bytes(b"\x80\x02half a pickle")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        train(cfg.replace(checkpoint_every=5), flags(run))
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert (run / "latest").read_text().strip() == "checkpoint-5"
+    assert (run / ".tmp-checkpoint-10").is_dir() and not (run / "checkpoint-10").exists()
+    # a folder that looks like a newer checkpoint but was never completed is ignored too
+    (run / "checkpoint-15").mkdir()
+    (run / "checkpoint-15" / "encoder.safetensors").write_bytes(b"truncated")
+    assert CheckpointManager(run).latest().step == 5
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg.replace(checkpoint_every=5), flags(run))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(cfg.replace(checkpoint_every=5), flags(run, resume=True))
+    assert resumed.step == 20 and not (run / ".tmp-checkpoint-10").exists()
+    assert resumed.losses == reference.losses[5:]
+    assert_same_weights(encoder_tensors(run, 20), encoder_tensors(reference.output_dir, 20))
+
+
+def test_resume_refuses_a_different_experiment(cfg, reference, tmp_path):
+    import shutil
+
+    run = shutil.copytree(reference.output_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match="lr"):
+        train(cfg.replace(lr=1e-2, max_steps=25), flags(run, resume=True))
+
+
+# -- divergence ---------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(cfg, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError) as info:
+        train(cfg.replace(lr=1e30, checkpoint_every=1), flags(run))  # Adam moves every weight by ~1e30
+    message = str(info.value)
+    step = int(message.split("at step ")[1].split(":")[0])
+    assert step >= 2 and "not finite" in message
+    assert str(run / f"checkpoint-{step - 1}") in message
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == step - 1 and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+def test_recon_folder_skips_corrupt_and_faceless_photos(tmp_path):
+    from dreamid_core import make_detector
+
+    images = insightface_images()
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.open(images / "Tom_Hanks_54745.png").save(photos / "tom.png")
+    Image.open(images / "t1.jpg").crop((380, 180, 660, 500)).save(photos / "sub" / "group_crop.jpg")
+    (photos / "corrupt.jpg").write_bytes((images / "t1.jpg").read_bytes()[:600])  # truncated JPEG
+    Image.open(images / "mask_white.jpg").save(photos / "mask.jpg")
+    (photos / "notes.txt").write_text("not a photo")
+    cache = tmp_path / "cache"
+    items, report = prepare_recon(photos, cache, min_face_size=32, detector=make_detector("mtcnn"))
+    assert report.total == 4 and report.usable == 2
+    assert sorted(Path(it.image).name for it in items) == ["group_crop.jpg", "tom.png"]
+    reasons = {s["file"]: s["reason"] for s in report.skipped}
+    assert reasons == {"corrupt.jpg": "unreadable", "mask.jpg": "no_face"}
+    path = write_report([report], tmp_path / "data_report.json")
+    saved = json.loads(path.read_text())["recon"]
+    assert saved["skipped_by_reason"] == {"unreadable": 1, "no_face": 1} and saved["usable"] == 2
+
+    class NoDetector:
+        name = "mtcnn"
+
+        def detect(self, image):
+            raise AssertionError("a restart must not detect again")
+
+    again, report2 = prepare_recon(photos, cache, min_face_size=32, detector=NoDetector())
+    assert again == items and report2.details["aligned_now"] == 0 and len(report2.skipped) == 2
+
+    cache_l = LatentCache("off", resolution=32, vae_id="x")
+    ds = TrainingData({"recon": items, "edit": []}, resolution=32, crop_size=112, templates=["a photo of S*"],
+                      latent_key=cache_l.item_key)
+    sampler = MixSampler(sizes=ds.sizes(), recon_fraction=1.0, seed=0)
+    batch = collate([ds[ref] for ref in next(sampler.micro_batches(batch_size=2))])
+    assert batch["crop"].shape == (2, 3, 112, 112) and 0 <= batch["crop"].min() and batch["crop"].max() <= 1
+    assert batch["pixels"][0].shape == (3, 32, 32) and -1 <= batch["pixels"][0].min() <= batch["pixels"][0].max() <= 1
+    assert batch["prompt"] == ["a photo of S*"] * 2
+
+
+def test_edit_manifest_keeps_only_kept_and_valid_lines(cfg, tmp_path):
+    manifest = Path(cfg.edit_manifest)
+    lines = manifest.read_text().splitlines()
+    lines += ["not json", json.dumps({"source_crop": "missing.png", "image": "img0.png", "prompt": "S*", "kept": True}),
+              json.dumps({"source_crop": "crop0.png", "image": "img0.png", "prompt": "no trigger", "kept": True}),
+              json.dumps({"source_crop": "img0.png", "image": "img0.png", "prompt": "S* again", "kept": True})]
+    bad = manifest.parent / "bad_manifest.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    items, report = load_edit_manifest(bad)
+    assert len(items) == 4 and report.details["not_kept"] == 1
+    assert [s["reason"] for s in report.skipped] == ["bad_line", "missing_file", "no_trigger", "crop_size"]
+    assert all(Path(it.crop).is_absolute() and "S*" in it.prompt for it in items)
+
+
+def test_sampler_mixes_deterministically_and_resumes_anywhere():
+    s = MixSampler(sizes={"recon": 5, "edit": 3}, recon_fraction=0.25, seed=7, num_templates=4)
+    refs = [s.ref(p) for p in range(400)]
+    assert sum(r.source == "recon" for r in refs) == 100  # exactly a quarter
+    assert all(sum(r.source == "recon" for r in refs[i:i + 4]) == 1 for i in range(0, 400, 4))
+    recon = [r.index for r in refs if r.source == "recon"]
+    assert all(sorted(recon[i:i + 5]) == list(range(5)) for i in range(0, 100, 5))  # each epoch a permutation
+    assert len({tuple(recon[i:i + 5]) for i in range(0, 100, 5)}) > 1  # ... a fresh one
+    assert refs == [MixSampler(sizes={"recon": 5, "edit": 3}, recon_fraction=0.25, seed=7, num_templates=4).ref(p)
+                    for p in range(400)]
+    # two processes split every global micro-batch; a restart at position 8 continues the same order
+    r0 = s.micro_batches(batch_size=2, num_processes=2, rank=0)
+    r1 = s.micro_batches(batch_size=2, num_processes=2, rank=1)
+    flat = [ref for _ in range(4) for ref in next(r0) + next(r1)]
+    assert flat == refs[:16]
+    s.advance(8)
+    assert next(s.micro_batches(batch_size=2, num_processes=2, rank=1)) == refs[10:12]
+    other = MixSampler(sizes={"recon": 6, "edit": 3}, recon_fraction=0.25, seed=7, num_templates=4)
+    with pytest.raises(ValueError, match="sizes"):
+        other.load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="multiple"):
+        next(s.micro_batches(batch_size=3))
+
+
+def test_latent_cache_encodes_each_image_once(cfg, tmp_path):
+    base = load_base(cfg, "cpu")
+    items, _ = load_edit_manifest(cfg.edit_manifest)
+    disk = LatentCache("disk", resolution=32, vae_id="v", folder=tmp_path / "lat")
+    ds = TrainingData({"recon": [], "edit": items}, resolution=32, crop_size=112, templates=["S*"],
+                      latent_key=disk.item_key, cached_latent=disk.load_disk)
+    sampler = MixSampler(sizes=ds.sizes(), recon_fraction=0.0, seed=0)
+    refs = next(sampler.micro_batches(batch_size=4))
+    first = disk.latents_for(collate([ds[r] for r in refs]), base.vae, torch.device("cpu"))
+    assert disk.encoded == 4 and first.shape == (4, 4, 16, 16)
+    batch = collate([ds[r] for r in refs])
+    assert all(p is None for p in batch["pixels"])  # the worker read the latents from disk
+    assert torch.equal(disk.latents_for(batch, base.vae, torch.device("cpu")), first) and disk.encoded == 4
+    memory = LatentCache("memory", resolution=32, vae_id="v")
+    ds.cached_latent = None
+    again = memory.latents_for(collate([ds[r] for r in refs]), base.vae, torch.device("cpu"))
+    assert torch.equal(again, first)  # each image encoded alone: the same bits whichever cache
+    off = LatentCache("off", resolution=32, vae_id="v").latents_for(collate([ds[r] for r in refs]), base.vae,
+                                                                     torch.device("cpu"))
+    assert torch.allclose(off, first, atol=1e-5)
+
+
+# -- config ----------------------------------------------------------------------------------------------
+
+def test_config_round_trips_and_names_bad_values(cfg, tmp_path):
+    assert ExperimentConfig.load(cfg.save(tmp_path / "c.json")) == cfg
+    assert ExperimentConfig.from_json(cfg.to_json()).config_hash() == cfg.config_hash()
+    with pytest.raises(ConfigError, match="unknown fields \\['learning_rate'\\]"):
+        ExperimentConfig.from_dict({**cfg.to_dict(), "learning_rate": 1.0})
+    with pytest.raises(ConfigError, match="mixed_precision = 'fp8'"):
+        cfg.replace(mixed_precision="fp8")
+    with pytest.raises(ConfigError, match="do not contain the trigger"):
+        cfg.replace(prompt_templates=("a photo of sks",))
+    with pytest.raises(ConfigError, match="recon_fraction = 0.5 but edit_manifest is null"):
+        cfg.replace(recon_fraction=0.5, recon_dir="x", edit_manifest=None).check_data()
+    with pytest.raises(ConfigError, match="random_backbone"):
+        ExperimentConfig(base_model="x")

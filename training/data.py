@@ -1,0 +1,323 @@
+"""Training data: reconstruction photos (aligned once, cached) and the editing manifest.
+
+- :func:`prepare_recon`: a folder of face photos (FFHQ-style). Each photo is aligned by the core's
+  :class:`~dreamid_core.FacePipeline` into a 112 px ID crop (largest face); the crop is written to
+  the cache folder once, so a restart costs a ``stat`` per photo. Unreadable, faceless and
+  small-face photos are skipped and listed in the report (never an exception).
+- :func:`load_edit_manifest`: the JSONL of ``training/build_dataset.py``; only ``"kept": true`` lines.
+- :class:`TrainingData`: a map-style dataset indexed by :class:`~training.sampler.SampleRef`.
+  The target image is the photo center-cropped and resized to the training resolution, in -1..1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dreamid_core import FacePipeline, make_detector
+from dreamid_core.detection import FaceDetector
+from dreamid_core.images import load_image
+
+from .sampler import SampleRef
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FaceItem:
+    """One training pair: an aligned ID crop, the image to reconstruct, and (edit) its prompt."""
+
+    crop: str  # path of the aligned crop (PNG, crop_size px)
+    image: str  # path of the target photo
+    image_id: str  # identity of the target file's content version (path, size, mtime)
+    prompt: str | None = None  # None: a template is drawn per sample
+
+
+@dataclass
+class DataReport:
+    """What a data source gave: counts and every skipped file with the reason."""
+
+    source: str
+    total: int = 0
+    usable: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def skip(self, file: str, reason: str, detail: str = "") -> None:
+        self.skipped.append({"file": file, "reason": reason, "detail": detail[:300]})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "total": self.total, "usable": self.usable,
+                "skipped_count": len(self.skipped), "skipped_by_reason": dict(Counter(s["reason"] for s in self.skipped)),
+                "skipped": self.skipped, **self.details}
+
+    def log(self) -> None:
+        d = self.to_dict()
+        logger.info("%s data: %d usable of %d (%d skipped: %s)", self.source, self.usable, self.total,
+                    len(self.skipped), d["skipped_by_reason"] or "none")
+        for s in self.skipped[:5]:
+            logger.warning("%s: skipped %s (%s) %s", self.source, s["file"], s["reason"], s["detail"])
+        if len(self.skipped) > 5:
+            logger.warning("%s: ... and %d more skipped, listed in the data report", self.source, len(self.skipped) - 5)
+
+
+def file_id(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+
+# -- images -------------------------------------------------------------------------------------
+
+def center_square(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def load_target(path: str | Path, resolution: int) -> torch.Tensor:
+    """The photo center-cropped to a square and resized: ``[3, R, R]`` float in -1..1."""
+    from PIL import Image
+
+    square = center_square(load_image(path))
+    im = Image.fromarray(square)
+    if im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None)
+    t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()  # [3, R, R]
+    return t.div_(127.5).sub_(1.0)
+
+
+def load_crop(path: str | Path, size: int) -> torch.Tensor:
+    """An aligned crop file: ``[3, S, S]`` float in 0..1."""
+    arr = load_image(path)
+    if arr.shape[:2] != (size, size):
+        raise ValueError(f"aligned crop {path} is {arr.shape[1]}x{arr.shape[0]} px; the face backbone needs "
+                         f"{size}x{size}. Re-run the alignment (training/build_dataset.py) with crop size {size}.")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _save_crop(crop: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    arr = crop.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [S, S, 3]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# -- reconstruction photos ----------------------------------------------------------------------
+
+def list_photos(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def prepare_recon(folder: str | Path, cache_dir: str | Path, *, crop_size: int = 112, min_face_size: int = 64,
+                  detector: str | FaceDetector = "mtcnn", detector_device: str = "cpu",
+                  save_every: int = 1000) -> tuple[list[FaceItem], DataReport]:
+    """Align every photo under ``folder`` once; crops and outcomes are cached in ``cache_dir``.
+
+    The cache key is the photo's path, size and mtime plus the alignment settings, so an edited
+    photo or a different detector is aligned again. Failures are cached too (a faceless photo is
+    not re-detected on every restart). ``detector``: a :func:`dreamid_core.make_detector` name, or a
+    detector (its ``name`` is part of the cache key); it is only built when a photo needs aligning."""
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"recon_dir {folder} is not a folder; give a folder of face photos (FFHQ-style)")
+    photos = list_photos(folder)
+    report = DataReport(source="recon", total=len(photos), details={"folder": str(folder)})
+    if not photos:
+        raise FileNotFoundError(f"recon_dir {folder} holds no photos ({', '.join(IMAGE_EXTENSIONS)})")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index_path = cache_dir / "index.json"
+    index: dict[str, Any] = {}
+    if index_path.is_file():
+        try:
+            loaded = json.loads(index_path.read_text())
+            if loaded.get("version") == INDEX_VERSION:
+                index = loaded.get("entries", {})
+        except (json.JSONDecodeError, AttributeError):
+            logger.warning("face cache index %s is unreadable; aligning again", index_path)
+    det_name = detector if isinstance(detector, str) else detector.name
+    pipeline: FacePipeline | None = None
+    items: list[FaceItem] = []
+    fresh = 0
+    for photo in photos:
+        rel = str(photo.relative_to(folder))
+        image_id = file_id(photo)
+        key = hashlib.sha1(f"{image_id}|{crop_size}|{det_name}|{min_face_size}".encode()).hexdigest()
+        entry = index.get(key)
+        crop_path = cache_dir / f"{key}.png"
+        if entry is None or (entry["status"] == "ok" and not crop_path.is_file()):
+            if pipeline is None:
+                det = make_detector(detector, device=detector_device) if isinstance(detector, str) else detector
+                pipeline = FacePipeline(det, crop_size=crop_size)
+            entry = _align_one(pipeline, photo, crop_path, min_face_size)
+            index[key] = entry
+            fresh += 1
+            if fresh % save_every == 0:
+                _write_json(index_path, {"version": INDEX_VERSION, "entries": index})
+                logger.info("aligned %d new photos so far (%s)", fresh, rel)
+        if entry["status"] == "ok":
+            items.append(FaceItem(crop=str(crop_path), image=str(photo), image_id=image_id))
+        else:
+            report.skip(rel, entry["reason"], entry.get("detail", ""))
+    if fresh:
+        _write_json(index_path, {"version": INDEX_VERSION, "entries": index})
+    report.usable = len(items)
+    report.details.update(aligned_now=fresh, from_cache=len(photos) - fresh, cache_dir=str(cache_dir),
+                          detector=det_name, min_face_size=min_face_size)
+    return items, report
+
+
+def _align_one(pipeline: FacePipeline, photo: Path, crop_path: Path, min_face_size: int) -> dict[str, Any]:
+    from dreamid_core import FaceNotFoundError, ImageInputError
+
+    try:
+        image = load_image(photo)
+        result = pipeline.process_one(image)
+    except ImageInputError as exc:
+        return {"status": "skipped", "reason": "unreadable", "detail": str(exc)}
+    except FaceNotFoundError as exc:
+        return {"status": "skipped", "reason": "no_face", "detail": str(exc).split(". ")[0]}
+    except Exception as exc:  # one odd file must not end a 70k-photo run; it is reported instead
+        logger.warning("unexpected %s while aligning %s: %s", type(exc).__name__, photo, exc)
+        return {"status": "skipped", "reason": "error", "detail": f"{type(exc).__name__}: {exc}"}
+    short = result.detection.short_side
+    if short < min_face_size:
+        return {"status": "skipped", "reason": "face_too_small",
+                "detail": f"face box short side {short:.0f} px < min_face_size {min_face_size}"}
+    _save_crop(result.crop, crop_path)
+    return {"status": "ok", "num_faces": result.num_faces, "face_px": round(short, 1)}
+
+
+# -- editing manifest -----------------------------------------------------------------------------
+
+def load_edit_manifest(path: str | Path, *, trigger: str = "S*", crop_size: int = 112) -> tuple[list[FaceItem], DataReport]:
+    """Kept lines of the dataset builder's JSONL; relative paths are relative to the manifest's folder."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edit_manifest {path} not found; build it with `python -m training.build_dataset` "
+                                "or set recon_fraction to 1.0")
+    report = DataReport(source="edit", details={"manifest": str(path)})
+    items: list[FaceItem] = []
+    not_kept = 0
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        report.total += 1
+        where = f"{path.name}:{n}"
+        try:
+            rec = json.loads(line)
+            crop, image, prompt = rec["source_crop"], rec["image"], rec["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            report.skip(where, "bad_line", f"needs JSON with source_crop, image, prompt, kept ({exc!r})")
+            continue
+        if not rec.get("kept"):
+            not_kept += 1
+            continue
+        crop_p, image_p = (p if p.is_absolute() else path.parent / p for p in (Path(crop), Path(image)))
+        missing = [str(p) for p in (crop_p, image_p) if not p.is_file()]
+        if missing:
+            report.skip(where, "missing_file", ", ".join(missing))
+            continue
+        if trigger not in prompt:
+            report.skip(where, "no_trigger", f"prompt {prompt!r} lacks {trigger!r}")
+            continue
+        try:
+            with Image.open(crop_p) as im:
+                size = im.size
+        except Exception as exc:  # unreadable header: a corrupt file
+            report.skip(where, "unreadable", f"{crop_p}: {exc}")
+            continue
+        if size != (crop_size, crop_size):
+            report.skip(where, "crop_size", f"{crop_p} is {size[0]}x{size[1]}, expected {crop_size}x{crop_size}")
+            continue
+        items.append(FaceItem(crop=str(crop_p), image=str(image_p), image_id=file_id(image_p), prompt=prompt))
+    report.usable = len(items)
+    report.details["not_kept"] = not_kept
+    return items, report
+
+
+def write_report(reports: Sequence[DataReport], path: str | Path) -> Path:
+    path = Path(path)
+    _write_json(path, {r.source: r.to_dict() for r in reports})
+    for r in reports:
+        r.log()
+    logger.info("data report written to %s", path)
+    return path
+
+
+# -- the dataset ----------------------------------------------------------------------------------
+
+class TrainingData(torch.utils.data.Dataset):
+    """``dataset[SampleRef]`` -> ``{"crop", "prompt", "latent_key", "pixels" or "latent"}``.
+
+    ``cached_latent(key)`` (optional) returns a latent stored on disk, so a worker skips decoding
+    the photo; otherwise ``pixels`` holds the target image and the VAE encodes it.
+    """
+
+    def __init__(self, items: dict[str, list[FaceItem]], *, resolution: int, crop_size: int,
+                 templates: Sequence[str], latent_key: Callable[[FaceItem], str],
+                 cached_latent: Callable[[str], torch.Tensor | None] | None = None) -> None:
+        self.items = items
+        self.resolution = resolution
+        self.crop_size = crop_size
+        self.templates = list(templates)
+        self.latent_key = latent_key
+        self.cached_latent = cached_latent
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.items.items()}
+
+    def __len__(self) -> int:
+        return sum(self.sizes().values())
+
+    def __getitem__(self, ref: SampleRef) -> dict[str, Any]:
+        item = self.items[ref.source][ref.index]
+        key = self.latent_key(item)
+        out: dict[str, Any] = {"crop": load_crop(item.crop, self.crop_size), "latent_key": key,
+                               "prompt": item.prompt if item.prompt is not None else self.templates[ref.template],
+                               "position": ref.position}
+        latent = self.cached_latent(key) if self.cached_latent is not None else None
+        if latent is not None:
+            out["latent"] = latent
+        else:
+            out["pixels"] = load_target(item.image, self.resolution)
+        return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Crops stacked ``[B, 3, S, S]``; pixels/latents stay per-sample lists (some may be cached)."""
+    return {"crop": torch.stack([s["crop"] for s in samples]), "prompt": [s["prompt"] for s in samples],
+            "latent_key": [s["latent_key"] for s in samples], "position": [s["position"] for s in samples],
+            "latent": [s.get("latent") for s in samples], "pixels": [s.get("pixels") for s in samples]}

@@ -1,0 +1,121 @@
+"""Export a training checkpoint as the encoder file the ComfyUI nodes load.
+
+``python -m training.export --checkpoint runs/x/checkpoint-N --out my_encoder.safetensors [--no-backbone]``
+(``--checkpoint runs/x`` takes the run's newest complete checkpoint). The file is written by
+:func:`dreamid_core.save_encoder`; its provenance metadata records the base model, family,
+steps, samples seen, data sizes, the experiment config and its hash, the git commit of this
+code (when known) and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dreamid_core import DreamIDError, load_encoder, read_encoder_config, save_encoder
+
+from .checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
+from .config import ConfigError, ExperimentConfig
+
+logger = logging.getLogger("training.export")
+
+
+def git_commit(repo: Path | None = None) -> dict[str, Any] | None:
+    """``{"commit": sha, "dirty": bool}`` of the repository holding this code, or None."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": sha, "dirty": bool(status.strip())} if sha else None
+
+
+def _prediction_type(base_model: str) -> str | None:
+    path = Path(base_model) / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text()).get("prediction_type")
+    except (OSError, ValueError):
+        return None
+
+
+def provenance(ckpt: Checkpoint, cfg: ExperimentConfig, family: str) -> dict[str, Any]:
+    state = ckpt.training_state()
+    sampler = state.get("sampler", {})
+    return {
+        "exported_by": "training.export",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": cfg.base_model,
+        "base_model_name": Path(cfg.base_model).name,
+        "family": family,
+        "prediction_type": _prediction_type(cfg.base_model),
+        "steps": int(state["step"]),
+        "samples_seen": int(sampler.get("position", 0)),
+        "data_sizes": sampler.get("sizes", {}),
+        "recon_fraction": cfg.recon_fraction,
+        "backbone": Path(cfg.backbone_path).name if cfg.backbone_path else "random",
+        "backbone_trained": cfg.backbone_lr is not None,
+        "config_hash": cfg.config_hash(),
+        "config": cfg.to_dict(),
+        "checkpoint": str(ckpt.path),
+        "git": git_commit(),
+    }
+
+
+def export(checkpoint: str | Path, out: str | Path, *, include_backbone: bool = True) -> Path:
+    """Write ``out`` (``.safetensors``) from a checkpoint folder or a run folder."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out.name!r}: the nodes load .safetensors files; name it e.g. my_encoder.safetensors")
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = ExperimentConfig.from_json(ckpt.config_json(), str(ckpt.path / CONFIG_FILE))
+    _, _, contents = read_encoder_config(ckpt.encoder_path)
+    if contents == "projection":  # written with checkpoint_backbone: false
+        encoder = load_encoder(ckpt.encoder_path, backbone_path=_backbone_path(cfg))
+    else:
+        encoder = load_encoder(ckpt.encoder_path)
+    meta = provenance(ckpt, cfg, encoder.config.target)
+    path = save_encoder(encoder, out, include_backbone=include_backbone, provenance=meta)
+    logger.info("exported %s (step %d, %s) to %s", ckpt.path.name, meta["steps"],
+                "with backbone" if include_backbone else "projection only", path)
+    return path
+
+
+def _backbone_path(cfg: ExperimentConfig) -> str:
+    if cfg.backbone_path is None or not Path(cfg.backbone_path).is_file():
+        raise ConfigError(f"the checkpoint holds no backbone and its config's backbone_path {cfg.backbone_path!r} is "
+                          "not a file; a randomly initialised backbone cannot be recovered")
+    return cfg.backbone_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoint-<step>, or runs/<name> (newest)")
+    p.add_argument("--out", required=True, help="output .safetensors for models/dreamidentity/")
+    p.add_argument("--no-backbone", action="store_true",
+                   help="projection MLPs only (smaller; the node then needs the arcface backbone file)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        export(args.checkpoint, args.out, include_backbone=not args.no_backbone)
+    except (DreamIDError, ConfigError, FileNotFoundError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Train the DreamIdentity ID encoder: ``python -m training.train --config cfg.json --output-dir runs/x``.
+
+Single process on CPU, or ``accelerate launch -m training.train ...`` on GPUs/nodes. The UNet, VAE
+and text encoder(s) are frozen; the encoder's MLPs and feature norms train (the face backbone
+too, in its own parameter group, when ``backbone_lr`` is set).
+
+Resuming (``--resume``) continues from the newest complete checkpoint and reproduces the
+uninterrupted run bit for bit on CPU: the data order is a function of (seed, sample position)
+(:mod:`training.sampler`), each micro-step's noise and timesteps come from a generator seeded by
+(seed, step, micro-step, rank) (:func:`training.step.step_generator`), cached latents depend only
+on their image (:mod:`training.latents`), and optimizer, scheduler and RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dreamid_core import DreamIDError
+
+from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
+from .config import ConfigError, ExperimentConfig
+from .setup import build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
+from .step import diffusion_loss, step_generator
+
+logger = logging.getLogger("training.train")
+
+#: config fields that may change between a checkpoint and its resumption
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "extra")
+
+
+class TrainingDivergedError(DreamIDError, RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+@dataclass
+class RunFlags:
+    """How to run (not what to compute): paths, resumption, logging, loader workers."""
+
+    output_dir: str
+    resume: bool = False
+    max_steps: int | None = None  # overrides the config's max_steps (the schedule's horizon)
+    stop_after_step: int | None = None  # stop (after a checkpoint) at this step; the schedule is unchanged
+    cache_dir: str | None = None  # face crops and latents; default <output_dir>/cache
+    log_every: int = 10
+    num_workers: int = 2
+    report_to: str = "tensorboard"  # "tensorboard" | "none"
+    channels_last: bool = False
+    compile_unet: bool = False  # torch.compile the UNet (GPU; results no longer bit-identical to eager)
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each step run in this call
+    checkpoint: Path | None = None
+    output_dir: Path | None = None
+    encoder: Any = None  # the trained IDEncoder (unwrapped), as it is after the last step
+
+
+# -- learning-rate schedule ---------------------------------------------------------------------------
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        factor *= 1.0 - progress
+    return factor
+
+
+def build_lr_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer):
+    fn = partial(lr_factor, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup_steps, total=cfg.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def _accelerate():
+    try:
+        import accelerate
+    except ImportError as exc:
+        from dreamid_core import MissingDependencyError
+
+        raise MissingDependencyError(f"training needs accelerate ({exc}): pip install -e '.[train]'") from exc
+    return accelerate
+
+
+def _tb_hparams(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.to_dict().items()}
+
+
+def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, where: Path) -> None:
+    diff = {k: v for k, v in saved.differences(cfg).items() if k not in RESUMABLE_CHANGES}
+    if diff:
+        lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"cannot resume {where} with a different experiment ({lines}). Resume without --config "
+                          f"(uses the checkpoint's), or start a new --output-dir. Only {RESUMABLE_CHANGES} may change.")
+    if saved.max_steps != cfg.max_steps and cfg.lr_schedule != "constant":
+        logger.warning("max_steps changed %d -> %d: the %s lr schedule is stretched from here on",
+                       saved.max_steps, cfg.max_steps, cfg.lr_schedule)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _provenance(cfg: ExperimentConfig, step: int, sizes: dict[str, int]) -> dict[str, Any]:
+    return {"trainer": "training.train", "base_model": cfg.base_model, "step": step,
+            "config_hash": cfg.config_hash(), "data_sizes": sizes, "extra": cfg.extra}
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
+    """Run (or resume) training; returns the steps done and where the last checkpoint is."""
+    accelerate = _accelerate()
+    from accelerate.utils import ProjectConfiguration
+
+    if flags.max_steps is not None:
+        cfg = cfg.replace(max_steps=flags.max_steps)
+    cfg.check_data()
+    out = Path(flags.output_dir)
+    accelerator = accelerate.Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard" if flags.report_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    main = accelerator.is_main_process
+    manager = CheckpointManager(out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        manager.cleanup()
+    accelerator.wait_for_everyone()
+
+    resume_from = manager.latest()
+    if resume_from is not None and not flags.resume:
+        raise FileExistsError(f"{out} already holds {resume_from.path.name}: pass --resume to continue that run, "
+                              "or choose a new --output-dir")
+    if flags.resume and resume_from is None:
+        logger.warning("--resume given but %s holds no complete checkpoint; starting from step 0", out)
+    if resume_from is not None:
+        _check_resumable(ExperimentConfig.from_json(resume_from.config_json(), str(resume_from.path / CONFIG_FILE)),
+                         cfg, resume_from.path)
+    if main:
+        cfg.save(out / CONFIG_FILE)
+
+    _seed_everything(cfg.seed)
+    device = accelerator.device
+    base = load_base(cfg, device, weight_dtype_for(cfg.mixed_precision), channels_last=flags.channels_last)
+    if flags.compile_unet:
+        base.unet = torch.compile(base.unet)
+    encoder = build_encoder(cfg, base).to(device)
+    cache_dir = Path(flags.cache_dir) if flags.cache_dir else out / "cache"
+    with accelerator.main_process_first():
+        data = build_data(cfg, base, cache_dir=cache_dir, report_path=out / "data_report.json" if main else None,
+                          crop_size=encoder.config.backbone.image_size, device=device)
+    optimizer = build_optimizer(cfg, encoder)
+    lr_scheduler = build_lr_scheduler(cfg, optimizer)
+    step = 0
+    if resume_from is not None:
+        step = _load_checkpoint(resume_from, encoder, optimizer, lr_scheduler, data.sampler)
+    encoder, optimizer = accelerator.prepare(encoder, optimizer)
+    if resume_from is not None:
+        rng = resume_from.rng_state(accelerator.process_index)
+        if rng is not None:
+            restore_rng(rng)
+        logger.info("resumed from %s at step %d (sample %d)", resume_from.path, step, data.sampler.position)
+    if main:
+        _truncate_metrics(out / "metrics.jsonl", step)
+    if flags.report_to == "tensorboard":
+        accelerator.init_trackers("dreamid", config=_tb_hparams(cfg))
+
+    stop = min(cfg.max_steps, flags.stop_after_step or cfg.max_steps)
+    result = TrainResult(step=step, checkpoint=resume_from.path if resume_from else None, output_dir=out)
+    try:
+        _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data, manager, step, stop, result)
+    finally:
+        accelerator.end_training()
+    result.encoder = accelerator.unwrap_model(encoder)
+    return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after the step this run starts from (they are redone)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _load_checkpoint(ckpt: Checkpoint, encoder, optimizer, lr_scheduler, sampler) -> int:
+    from safetensors.torch import load_file
+
+    from dreamid_core import read_encoder_config
+
+    saved_config, _, _ = read_encoder_config(ckpt.encoder_path)
+    if saved_config != encoder.config:
+        raise ConfigError(f"{ckpt.encoder_path} was trained as {saved_config}, but this run builds {encoder.config}")
+    tensors = load_file(str(ckpt.encoder_path))
+    missing, unexpected = encoder.load_state_dict(tensors, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("backbone.")]:
+        raise ConfigError(f"{ckpt.encoder_path}: tensors do not fit the encoder (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    state = ckpt.training_state()
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    return int(state["step"])
+
+
+def _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data, manager, step, stop, result):
+    from tqdm.auto import tqdm
+
+    from .data import collate
+
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    samples_per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps
+    loader = torch.utils.data.DataLoader(
+        data.dataset, batch_sampler=data.sampler.micro_batches(batch_size=cfg.batch_size, num_processes=world,
+                                                               rank=rank),
+        collate_fn=collate, num_workers=flags.num_workers, pin_memory=accelerator.device.type == "cuda")
+    batches = iter(loader)
+    split = accelerator.unwrap_model(encoder).split
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    metrics_file = manager.run_dir / "metrics.jsonl"
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and flags.progress), desc="train", unit="step")
+    tick, tick_step = time.perf_counter(), step
+    while step < stop:
+        sums = torch.zeros(3, device=accelerator.device)  # loss, mse, reg summed over micro-steps
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            with accelerator.accumulate(encoder):
+                latents = data.latents.latents_for(batch, base.vae, accelerator.device)
+                gen = step_generator(cfg.seed, step, micro, rank)
+                with accelerator.autocast():
+                    parts = diffusion_loss(base, encoder, split, latents, batch["crop"].to(accelerator.device),
+                                           batch["prompt"], generator=gen, reg_weight=cfg.reg_weight,
+                                           trigger=cfg.trigger, k=cfg.num_tokens, noise_offset=cfg.noise_offset)
+                accelerator.backward(parts.loss)
+                sums += torch.stack([parts.loss.detach(), parts.mse.detach(), parts.reg.detach()]).float()
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+                    means = accelerator.reduce(sums, "sum") / (world * cfg.gradient_accumulation_steps)
+                    _check_finite(cfg, step + 1, means, grad_norm, manager)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        step += 1
+        data.sampler.advance(samples_per_step)
+        loss, mse, reg = (float(v) for v in means)
+        result.step = step
+        result.losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if main:
+            with open(metrics_file, "a") as fh:
+                fh.write(json.dumps({"step": step, "loss": loss, "mse": mse, "reg": reg, "lr": lr,
+                                     "grad_norm": float(grad_norm)}) + "\n")
+        if step % flags.log_every == 0 or step == stop:
+            now = time.perf_counter()
+            rate = (step - tick_step) * samples_per_step / max(now - tick, 1e-9)
+            tick, tick_step = now, step
+            accelerator.log({"loss": loss, "mse": mse, "reg": reg, "lr": lr, "grad_norm": float(grad_norm),
+                             "samples_per_s": rate}, step=step)
+            if main:
+                logger.info("step %d/%d loss %.5f (mse %.5f, reg %.3f) lr %.2e %.1f samples/s", step, cfg.max_steps,
+                            loss, mse, reg, lr, rate)
+        if step % cfg.checkpoint_every == 0 or step == stop:
+            result.checkpoint = save_checkpoint(cfg, accelerator, manager, step, encoder, optimizer, lr_scheduler,
+                                                data)
+    bar.close()
+    logger.info("stopped at step %d (max_steps %d); latents encoded %d, reused %d", step, cfg.max_steps,
+                data.latents.encoded, data.latents.hits)
+
+
+def _check_finite(cfg, step: int, means: torch.Tensor, grad_norm: torch.Tensor, manager: CheckpointManager) -> None:
+    bad_loss = not bool(torch.isfinite(means).all())
+    bad_grad = not bool(torch.isfinite(grad_norm)) and cfg.mixed_precision != "fp16"  # fp16: the scaler skips it
+    if bad_loss or bad_grad:
+        last = manager.latest()
+        where = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+        what = f"loss {means[0].item()} (mse {means[1].item()}, reg {means[2].item()})" if bad_loss else \
+            f"gradient norm {grad_norm.item()} (loss {means[0].item()})"
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: {what} is not finite; the update was not applied and {where}. "
+            f"Lower lr (now {cfg.lr}), keep max_grad_norm set (now {cfg.max_grad_norm}), use mixed_precision 'bf16' "
+            "rather than 'fp16', check the data report for odd images, then --resume.")
+
+
+def save_checkpoint(cfg, accelerator, manager: CheckpointManager, step: int, encoder, optimizer, lr_scheduler,
+                    data) -> Path:
+    """Every rank adds its RNG state; the main process writes the rest and commits."""
+    main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    if main:
+        manager.begin(step)
+    accelerator.wait_for_everyone()
+    manager.write_rng(step, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if main:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                 "sampler": data.sampler.state_dict(), "num_processes": accelerator.num_processes}
+        if accelerator.scaler is not None:
+            state["grad_scaler"] = accelerator.scaler.state_dict()
+        manager.commit(step, encoder=accelerator.unwrap_model(encoder), config=cfg, training_state=state,
+                       provenance=_provenance(cfg, step, data.sampler.sizes),
+                       include_backbone=cfg.checkpoint_backbone)
+        manager.prune(cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return manager.final_dir(step)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="experiment config JSON (ExperimentConfig); with --resume, default: the "
+                                    "checkpoint's own")
+    p.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, data report")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    p.add_argument("--stop-after-step", type=int, help="checkpoint and stop at this step (schedule unchanged)")
+    p.add_argument("--cache-dir", help="face crops and latents cache (default: OUTPUT_DIR/cache)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines and TensorBoard points")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    p.add_argument("--report-to", choices=("tensorboard", "none"), default="tensorboard")
+    p.add_argument("--channels-last", action="store_true", help="UNet in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; minutes to compile)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.config:
+            cfg = ExperimentConfig.load(args.config)
+        elif args.resume and (latest := CheckpointManager(args.output_dir).latest()) is not None:
+            cfg = ExperimentConfig.from_json(latest.config_json(), str(latest.path / CONFIG_FILE))
+        else:
+            raise ConfigError("--config is required (only --resume of an existing run can do without it)")
+        flags = RunFlags(output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
+                         stop_after_step=args.stop_after_step, cache_dir=args.cache_dir, log_every=args.log_every,
+                         num_workers=args.num_workers, report_to=args.report_to, channels_last=args.channels_last,
+                         compile_unet=args.compile, progress=not args.no_progress)
+        result = train(cfg, flags)
+    except (DreamIDError, ConfigError, FileNotFoundError, FileExistsError) as exc:
+        logger.error("%s", exc)
+        return 1
+    logger.info("done: step %d, checkpoint %s", result.step, result.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
