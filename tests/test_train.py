@@ -351,3 +351,11 @@ def test_config_round_trips_and_names_bad_values(cfg, tmp_path):
         cfg.replace(recon_fraction=0.5, recon_dir="x", edit_manifest=None).check_data()
     with pytest.raises(ConfigError, match="random_backbone"):
         ExperimentConfig(base_model="x")
+
+
+def test_shipped_paper_config_is_valid():
+    """training/configs/sd21_base_paper.json parses and keeps the paper's recipe."""
+    from training.config import ExperimentConfig
+
+    cfg = ExperimentConfig.load(Path(__file__).resolve().parents[1] / "training" / "configs" / "sd21_base_paper.json")
+    assert (cfg.lr, cfg.reg_weight, cfg.num_tokens, cfg.max_steps) == (5e-5, 1e-4, 2, 60_000)
