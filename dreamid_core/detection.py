@@ -55,29 +55,25 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, mode: s
     """Greedy non-maximum suppression; returns kept indices, best score first.
 
     ``boxes`` ``[N, 4]`` as ``(x1, y1, x2, y2)``; ``mode`` "union" divides the overlap by the
-    union of the two boxes, "min" by the smaller box (MTCNN's last stage uses "min").
+    union of the two boxes, "min" by the smaller box (MTCNN's last stage uses "min"). Runs on the
+    CPU in numpy whatever the tensors' device (a greedy loop on a GPU would sync every step).
     """
     if mode not in ("union", "min"):
         raise ValueError(f"nms mode must be 'union' or 'min', got {mode!r}")
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    x1, y1, x2, y2 = boxes.unbind(dim=1)
-    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
-    order = scores.argsort(descending=True)
+    b = boxes.detach().to("cpu", torch.float64).numpy()
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    order = np.argsort(-scores.detach().to("cpu", torch.float64).numpy(), kind="stable")
     keep: list[int] = []
-    while order.numel() > 0:
+    while order.size:
         i = int(order[0])
         keep.append(i)
-        if order.numel() == 1:
-            break
         rest = order[1:]
-        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest])).clamp(min=0)
-        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest])).clamp(min=0)
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
         inter = w * h
-        if mode == "min":
-            denom = torch.minimum(areas[i], areas[rest])
-        else:
-            denom = areas[i] + areas[rest] - inter
-        overlap = inter / denom.clamp(min=1e-12)
-        order = rest[overlap <= iou_threshold]
+        denom = np.minimum(areas[i], areas[rest]) if mode == "min" else areas[i] + areas[rest] - inter
+        order = rest[inter / np.maximum(denom, 1e-12) <= iou_threshold]
     return torch.as_tensor(keep, dtype=torch.long, device=boxes.device)
