@@ -69,8 +69,9 @@ class DreamIDLoadIDEncoder:
                     "mtcnn: built in, no download. insightface/<pack>: your antelopev2 or buffalo_l files in "
                     "models/insightface/models/<pack>/ (more accurate on hard photos).")}),
                 "provider": (list(PROVIDER_CHOICES), {"default": "auto", "tooltip": (
-                    "Where insightface detection runs (onnxruntime). Falls back to the CPU, with a warning, when "
-                    "the choice is not available.")}),
+                    "Where face detection runs. insightface: the onnxruntime provider, falling back to the CPU "
+                    "with a warning when it is not available. mtcnn: 'cpu' keeps it on the CPU, anything else "
+                    "uses ComfyUI's device.")}),
             },
             "optional": {
                 "backbone_name": (backbone_files(), {"default": BACKBONE_IN_FILE, "tooltip": (
@@ -98,7 +99,8 @@ class DreamIDLoadIDEncoder:
         root = _insightface_root(face_detector.split("/", 1)[1]) if face_detector != BUILTIN else None
         if face_detector != BUILTIN:
             check_onnxruntime()
-        detector = make_detector(face_detector, insightface_root=root, provider=provider)
+        mtcnn_device = "cpu" if provider == "cpu" else str(load_device)
+        detector = make_detector(face_detector, insightface_root=root, provider=provider, device=mtcnn_device)
         logger.info("DreamIdentity encoder %s: target %s, k=%d, detector %s", encoder_name, encoder.config.target,
                     encoder.config.num_tokens, detector.name)
         return (EncoderBundle(patcher, FacePipeline(detector), encoder.config, encoder_name),)
