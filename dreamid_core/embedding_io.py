@@ -10,13 +10,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from .fileio import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,7 @@ def write_embedding(path: str | os.PathLike[str], parts: dict[str, torch.Tensor]
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
     tensors = embedding_tensors(parts)
     meta = {"format": "pt", "dreamid": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(tensors, path, meta)
     logger.info("wrote textual-inversion embedding %s (%s)", path,
                 ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
     return path

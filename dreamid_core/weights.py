@@ -17,18 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .backbone import FaceViT
 from .config import FORMAT_VERSION, BackboneConfig, EncoderConfig
 from .encoder import IDEncoder
 from .errors import WeightFormatError
+from .fileio import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +50,6 @@ def _sniff_pickle(path: Path) -> str | None:
     return None
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_encoder(encoder: IDEncoder, path: str | os.PathLike[str], *, include_backbone: bool = True,
                  provenance: dict[str, Any] | None = None) -> Path:
     """Write ``encoder`` to ``path`` (atomically). Tensors are stored as float32, contiguous."""
@@ -77,7 +65,7 @@ def save_encoder(encoder: IDEncoder, path: str | os.PathLike[str], *, include_ba
         META_PROVENANCE: json.dumps(provenance or {}, sort_keys=True, default=str),
         META_CONTENTS: "projection+backbone" if include_backbone else "projection",
     }
-    _atomic_save(tensors, path, metadata)
+    atomic_save_safetensors(tensors, path, metadata)
     logger.info("saved DreamIdentity encoder to %s (%s, %d tensors)", path, metadata[META_CONTENTS], len(tensors))
     return path
 

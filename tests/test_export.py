@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from training_fixtures import make_setup
+from training_fixtures import make_setup, one_thread  # noqa: F401
 
 from dreamid_core import load_encoder, read_encoder_config
 from training.data import load_crop, load_edit_manifest
@@ -17,13 +17,7 @@ from training.train import RunFlags, train
 pytest.importorskip("accelerate")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; one thread keeps a busy 2-core box from oversubscribing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from training_fixtures import insightface_images, make_setup, subprocess_env
+from training_fixtures import insightface_images, make_setup, one_thread, subprocess_env  # noqa: F401
 
 from training.checkpoint import CheckpointManager, is_complete
 from training.config import ConfigError, ExperimentConfig
@@ -30,13 +30,7 @@ from training.train import RunFlags, TrainingDivergedError, train
 pytest.importorskip("accelerate")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; one thread keeps a busy 2-core box from oversubscribing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 

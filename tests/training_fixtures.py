@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 from tiny_diffusers import make_tiny_arcface, make_tiny_sd
 
@@ -93,10 +95,17 @@ def make_setup(root: Path, *, family: str = "sd2", prediction_type: str = "epsil
 
 def subprocess_env() -> dict[str, str]:
     """Environment for a ``python -m training.train`` child that computes like this process."""
-    import torch
-
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env["MKL_NUM_THREADS"] = str(torch.get_num_threads())
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; one thread keeps a busy 2-core box from oversubscribing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
