@@ -57,6 +57,31 @@ def resolve_pack_dir(root: str | Path, pack: str) -> Path:
         "detector (mtcnn), which needs no download.")
 
 
+def _unreadable_onnx(path: Path) -> str | None:
+    """Why ``path`` is not a loadable ONNX model (empty, a Git LFS pointer, corrupt), or None if it is."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return f"it is a {size}-byte Git LFS pointer, not the model (download the file itself)"
+    try:
+        import onnx
+
+        model = onnx.load_model(str(path), load_external_data=False)
+    except ImportError:
+        return None
+    except Exception as exc:  # protobuf's DecodeError and friends
+        return f"it does not parse as ONNX ({size} bytes; {type(exc).__name__}: {exc})"
+    if not model.graph.node or not model.graph.output:
+        return f"it holds no network ({size} bytes)"
+    return None
+
+
 class InsightFaceDetector:
     """insightface's SCRFD detector from a local pack, on the chosen onnxruntime provider."""
 
@@ -79,7 +104,16 @@ class InsightFaceDetector:
             logger.warning(note)
         self.providers = providers
         detector_file = self.pack_dir / str(PACKS[pack]["detector"])
-        self._model = model_zoo.get_model(str(detector_file), providers=providers)
+        try:
+            self._model = model_zoo.get_model(str(detector_file), providers=providers)
+        except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, ...) are not importable stably
+            problem = _unreadable_onnx(detector_file)
+            if problem is None:
+                raise  # the file is fine: a provider/runtime problem, keep onnxruntime's message
+            raise ModelFilesError(
+                f"{detector_file} is not a usable ONNX file: {problem}. The download is incomplete or "
+                f"corrupted: download the {pack} pack again and replace the files in {self.pack_dir} "
+                f"(onnxruntime said: {type(exc).__name__}: {exc})") from exc
         if self._model is None or getattr(self._model, "taskname", None) != "detection":
             raise ModelFilesError(f"{detector_file} is not a face detection model insightface recognises; "
                                   f"download the {pack} pack again.")
