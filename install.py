@@ -19,26 +19,34 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import importlib.util
 import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 logger = logging.getLogger("dreamid.install")
 
-ORT_FLAVOURS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-rocm",
-                "onnxruntime-silicon", "onnxruntime-openvino", "onnxruntime-qnn")
 FACENET = "facenet-pytorch==2.6.0"
 
 
-def installed(names) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+def _runtime():
+    """dreamid_core/runtime.py on its own (stdlib only): the onnxruntime flavour list lives there.
+    Loaded by path so this script does not import the package (and torch) before it is installed."""
+    path = Path(__file__).resolve().parent / "dreamid_core" / "runtime.py"
+    spec = importlib.util.spec_from_file_location("dreamid_install_runtime", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def facenet_installed() -> bool:
+    try:
+        md.version("facenet-pytorch")
+        return True
+    except md.PackageNotFoundError:
+        return False
 
 
 def torch_cuda() -> bool:
@@ -77,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the pip commands without running them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[DreamIdentity install] %(message)s")
-    ort = installed(ORT_FLAVOURS)
-    steps = plan(ort, torch_cuda(), "facenet-pytorch" in installed(["facenet-pytorch"]), os.environ.get("DREAMID_ORT"))
+    ort = _runtime().onnxruntime_distributions()
+    steps = plan(ort, torch_cuda(), facenet_installed(), os.environ.get("DREAMID_ORT"))
     logger.info("onnxruntime now: %s; torch CUDA: %s", ort or "none", torch_cuda())
     if not steps:
         logger.info("nothing to do")

@@ -184,9 +184,13 @@ class EncoderConfig:
         return cls.from_dict(data, source)
 
 
+def unknown_fields(kind: type, data: dict[str, Any]) -> list[str]:
+    """Keys of ``data`` that are not fields of the dataclass ``kind`` (sorted)."""
+    return sorted(set(data) - {f.name for f in dataclasses.fields(kind)})
+
+
 def _reject_unknown(kind: type, data: dict[str, Any], source: str) -> None:
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - known)
+    unknown = unknown_fields(kind, data)
     if unknown:
         raise WeightFormatError(f"{source}: unknown config fields {unknown}; the file was probably written "
                                 "by a newer DreamIdentity. Update the pack to load it.")

@@ -55,7 +55,7 @@ def write_embedding(path: str | os.PathLike[str], parts: dict[str, torch.Tensor]
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
+        raise FileExistsError(f"{path} already exists. Choose another name, or set overwrite to true to replace it.")
     tensors = embedding_tensors(parts)
     meta = {"format": "pt", "dreamid": json.dumps(metadata or {}, sort_keys=True, default=str)}
     atomic_save_safetensors(tensors, path, meta)

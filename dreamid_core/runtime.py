@@ -4,6 +4,8 @@
 the same ``onnxruntime`` folder; with two of them installed the last one written wins file by
 file and the CUDA provider silently disappears. :func:`onnxruntime_distributions` reads what is
 installed without importing it; :func:`check_onnxruntime` logs a warning with the fix.
+
+Standard library only: install.py loads this file by path before the pack's dependencies exist.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from ..dreamid_core.errors import ModelFilesError
 from ..dreamid_core.faces import ON_MISSING, ORDERS
 from ..dreamid_core.identity import encode_identity
 from ..dreamid_core.insightface_detector import resolve_pack_dir
-from ..dreamid_core.runtime import PROVIDER_CHOICES, check_onnxruntime
+from ..dreamid_core.runtime import PROVIDER_CHOICES
 from .paths import (
     BACKBONE_IN_FILE,
     ENCODER_FOLDER,
@@ -97,8 +97,6 @@ class DreamIDLoadIDEncoder:
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload,
                                                    size=mm.module_size(encoder))
         root = _insightface_root(face_detector.split("/", 1)[1]) if face_detector != BUILTIN else None
-        if face_detector != BUILTIN:
-            check_onnxruntime()
         mtcnn_device = "cpu" if provider == "cpu" else str(load_device)
         detector = make_detector(face_detector, insightface_root=root, provider=provider, device=mtcnn_device)
         logger.info("DreamIdentity encoder %s: target %s, k=%d, detector %s", encoder_name, encoder.config.target,

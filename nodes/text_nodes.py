@@ -92,11 +92,7 @@ class DreamIDSaveIDEmbedding:
     def save(self, id_embeds: IdentityEmbeds, name, overwrite):
         clean = sanitize_name(name)
         folder = Path(folder_paths.get_folder_paths("embeddings")[0])
-        target = folder / f"{clean}.safetensors"
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists. Choose another name, or set overwrite to true to "
-                                  "replace it.")
-        path = write_embedding(target, id_embeds.parts, overwrite=overwrite, metadata=id_embeds.info)
+        path = write_embedding(folder / clean, id_embeds.parts, overwrite=overwrite, metadata=id_embeds.info)
         token = f"embedding:{clean}"
         if clean != name:
             logger.info("embedding name %r saved as %r", name, clean)

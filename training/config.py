@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreamid_core.config import unknown_fields
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LATENT_CACHE = ("off", "memory", "disk")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -166,10 +168,10 @@ class ExperimentConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ExperimentConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_fields(cls, data)
         if unknown:
-            raise ConfigError(f"{source}: unknown fields {unknown}; known fields are {sorted(known)}")
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"{source}: unknown fields {unknown}; known fields are {known}")
         try:
             return cls(**data)
         except TypeError as exc:
