@@ -24,13 +24,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from dreamid_core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    with atomic_write(path) as tmp, open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointManager:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import torch
 
 from dreamid_core import FacePipeline, make_detector
 from dreamid_core.detection import FaceDetector
+from dreamid_core.fileio import atomic_write
 from dreamid_core.images import load_image
 
 from .sampler import SampleRef
@@ -114,22 +113,13 @@ def _save_crop(crop: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     arr = crop.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [S, S, 3]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 # -- reconstruction photos ----------------------------------------------------------------------

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from dreamid_core import FaceNotFoundError, ImageInputError
+from dreamid_core.fileio import atomic_write
 from dreamid_core.images import load_image, to_tensor
 
 from .edit_prompts import SOURCE_TEMPLATE, Name, fill, select_templates, training_prompt
@@ -104,15 +103,8 @@ class StepSummary:
 
 def save_png(image: Any, path: Path) -> None:
     """Write a PIL image atomically (a killed process never leaves half a PNG under the real name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def crop_to_pil(crop: torch.Tensor) -> Any:

@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from dreamid_core.fileio import atomic_write
 
 try:  # POSIX only; on Windows shards are not protected against being started twice
     import fcntl
@@ -79,16 +80,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write a whole JSONL file at once (temp file + rename): readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
     return path
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dreamid_core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +94,8 @@ class LatentCache:
         elif self.mode == "disk":
             from safetensors.torch import save_file
 
-            path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                save_file({"latent": latent}, tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_write(self._path(key)) as tmp:
+                save_file({"latent": latent}, str(tmp))
 
     def latents_for(self, batch: dict, vae: torch.nn.Module, device: torch.device) -> torch.Tensor:
         """The batch's latents ``[B, C, h, w]`` on ``device``: cached ones reused, the rest encoded."""
