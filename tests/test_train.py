@@ -353,3 +353,80 @@ def test_shipped_paper_config_is_valid():
 
     cfg = ExperimentConfig.load(Path(__file__).resolve().parents[1] / "training" / "configs" / "sd21_base_paper.json")
     assert (cfg.lr, cfg.reg_weight, cfg.num_tokens, cfg.max_steps) == (5e-5, 1e-4, 2, 60_000)
+
+
+# -- the shipped recipe's prompts and data mix (issue 8 item 1) ----------------------------------------
+
+def _shipped_prompts() -> dict[str, str]:
+    """Every prompt the shipped recipe can put through a tokenizer with the trigger: label -> prompt."""
+    from training.config import DEFAULT_TEMPLATES
+    from training.edit_prompts import EDIT_TEMPLATES, training_prompt
+    from training.evaluate import load_prompts
+
+    prompts = {f"config.DEFAULT_TEMPLATES[{i}]": t for i, t in enumerate(DEFAULT_TEMPLATES)}
+    for path in sorted((REPO / "training" / "configs").glob("*.json")):
+        shipped = ExperimentConfig.load(path)
+        prompts.update({f"{path.name}[{i}]": t for i, t in enumerate(shipped.prompt_templates)})
+    prompts.update({f"edit_prompts.{tid}": training_prompt(t) for tid, t in EDIT_TEMPLATES.items()})
+    for path in sorted((REPO / "training" / "data").glob("*prompts*.txt")):
+        prompts.update({f"{path.name}:{i}": p for i, p in enumerate(load_prompts(path))})
+    return prompts
+
+
+def _family_tokenizers(family: str):
+    from tiny_diffusers import clip_tokenizer
+
+    # the real CLIP BPE; SD2 and SDXL's second tokenizer pad with "!" as the published ones do
+    return {"sd1": [clip_tokenizer()], "sd2": [clip_tokenizer("!")],
+            "sdxl": [clip_tokenizer(), clip_tokenizer("!")]}[family]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_every_shipped_prompt_tokenizes_with_the_trigger(family):
+    from tiny_diffusers import bpe_vocab_path
+
+    from training.text import tokenize_with_trigger
+
+    if bpe_vocab_path() is None:
+        pytest.skip("needs the CLIP BPE vocabulary of the open-clip-torch wheel")
+
+    prompts = _shipped_prompts()
+    assert len(prompts) >= 8 + 9 + 2  # templates, edit prompts, example evaluation prompts
+    failed = {}
+    for tokenizer in _family_tokenizers(family):
+        for label, prompt in prompts.items():
+            try:
+                tok = tokenize_with_trigger(tokenizer, [prompt], "S*", 2)
+            except Exception as exc:  # noqa: BLE001 - every failure is listed below
+                failed[label] = f"{prompt!r}: {type(exc).__name__}: {exc}"
+                continue
+            if len(tok.positions[0]) != 2 * prompt.count("S*"):
+                failed[label] = f"{prompt!r}: S* slots at {tok.positions[0]}"
+    assert not failed, f"{family}: prompts without the trigger after tokenizing:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in failed.items())
+
+
+def recon_photos(folder: Path) -> Path:
+    """Three face photos (the insightface samples) for reconstruction samples."""
+    images = insightface_images()
+    folder.mkdir(parents=True, exist_ok=True)
+    tom = Image.open(images / "Tom_Hanks_54745.png").convert("RGB")
+    tom.save(folder / "tom.png")
+    tom.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "tom_flipped.png")
+    Image.open(images / "t1.jpg").convert("RGB").crop((380, 180, 660, 500)).save(folder / "group_crop.jpg")
+    return folder
+
+
+def test_shipped_data_mix_trains(setup_root, tmp_path):
+    """The paper config's data mix (its recon_fraction and every one of its templates), on tiny models."""
+    shipped = ExperimentConfig.load(REPO / "training" / "configs" / "sd21_base_paper.json")
+    assert 0 < shipped.recon_fraction < 1
+    photos = recon_photos(setup_root / "recon")
+    steps = 2 * len(shipped.prompt_templates)  # batch 2 at a 50 % mix: each template is drawn in ~that many steps
+    cfg = make_setup(setup_root, recon_dir=str(photos), recon_fraction=shipped.recon_fraction,
+                     prompt_templates=shipped.prompt_templates, min_face_size=32, max_steps=steps,
+                     checkpoint_every=steps, cache_latents="memory")
+    result = train(cfg, flags(tmp_path / "run"))
+    assert result.step == steps and all(math.isfinite(x) for x in result.losses)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["recon"]["usable"] == 3 and report["edit"]["usable"] == 4

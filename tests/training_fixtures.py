@@ -26,9 +26,12 @@ from training.config import ExperimentConfig
 
 
 def insightface_images() -> Path:
+    """The sample photos of the insightface wheel; the calling test is skipped when it is not installed."""
     spec = importlib.util.find_spec("insightface")
-    assert spec is not None and spec.origin is not None, "insightface (which ships the sample photos) is missing"
-    return Path(spec.origin).parent / "data" / "images"
+    folder = Path(spec.origin).parent / "data" / "images" if spec is not None and spec.origin else None
+    if folder is None or not (folder / "Tom_Hanks_54745.png").is_file():
+        pytest.skip("needs the sample photos of the insightface wheel (pip install insightface)")
+    return folder
 
 
 def make_text_sensitive(folder: Path, *, cross_attention: float = 100.0, text_norm: float = 10.0,
