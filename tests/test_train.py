@@ -430,3 +430,67 @@ def test_shipped_data_mix_trains(setup_root, tmp_path):
     assert result.step == steps and all(math.isfinite(x) for x in result.losses)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["recon"]["usable"] == 3 and report["edit"]["usable"] == 4
+
+
+# -- resuming with another launch (issue 8 item 3) -------------------------------------------------------
+
+def rewrite_training_state(ckpt_dir: Path, **changes) -> None:
+    """Edit a checkpoint's training_state.pt in place and keep complete.json's sizes true."""
+    state = torch.load(ckpt_dir / "training_state.pt", weights_only=True)
+    state.update(changes)
+    torch.save(state, ckpt_dir / "training_state.pt")
+    manifest = json.loads((ckpt_dir / "complete.json").read_text())
+    manifest["files"]["training_state.pt"] = (ckpt_dir / "training_state.pt").stat().st_size
+    (ckpt_dir / "complete.json").write_text(json.dumps(manifest))
+
+
+def test_resume_with_another_global_batch_is_refused_with_the_right_command(cfg, reference, tmp_path):
+    import shutil
+
+    from training.launch import BatchChangeError
+
+    run = shutil.copytree(reference.output_dir, tmp_path / "run")
+    state = torch.load(run / "checkpoint-20" / "training_state.pt", weights_only=True)
+    assert state["num_processes"] == 1 and state["global_batch"] == cfg.batch_size
+    # as if it had been trained by 2 processes: global batch 2 x 2 x 1 = 4, this launch gives 2
+    rewrite_training_state(run / "checkpoint-20", num_processes=2, global_batch=4)
+    with pytest.raises(BatchChangeError) as info:
+        train(cfg.replace(max_steps=22), flags(run, resume=True))
+    message = str(info.value)
+    assert "from 4 (2 processes x batch_size 2 x gradient_accumulation_steps 1) to 2 (1 processes" in message
+    assert f"--num_processes 2 -m training.train --output-dir {run} --resume" in message
+    assert "gradient_accumulation_steps to 2" in message and "--allow-batch-change" in message
+    # the same global batch on one process (accumulating 2 micro-batches) is the same recipe: accepted
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    same = train(cfg.replace(max_steps=22, gradient_accumulation_steps=2), flags(run, resume=True))
+    assert same.step == 22
+    assert torch.load(run / "checkpoint-22" / "training_state.pt", weights_only=True)["global_batch"] == 4
+
+
+def test_allow_batch_change_resumes_with_the_new_batch(cfg, reference, tmp_path):
+    import shutil
+
+    run = shutil.copytree(reference.output_dir, tmp_path / "run")
+    rewrite_training_state(run / "checkpoint-20", num_processes=2, global_batch=4)
+    result = train(cfg.replace(max_steps=21), flags(run, resume=True, allow_batch_change=True))
+    assert result.step == 21
+    state = torch.load(run / "checkpoint-21" / "training_state.pt", weights_only=True)
+    assert state["global_batch"] == 2 and state["sampler"]["position"] == 20 * 2 + 2
+
+
+def test_launch_checks_name_the_working_command():
+    from training.launch import LaunchError, check_launch, launch_command
+
+    assert launch_command(1, {}) == "python -m training.train"
+    assert launch_command(8, {"ACCELERATE_MIXED_PRECISION": "bf16", "TORCHELASTIC_RUN_ID": "x",
+                              "LOCAL_WORLD_SIZE": "8"}) == "accelerate launch --multi_gpu --num_processes 8 -m training.train"
+    assert launch_command(16, {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8"}).startswith(
+        "torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
+    check_launch(1, {})
+    check_launch(2, {"WORLD_SIZE": "2"})
+    with pytest.raises(LaunchError, match="ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2"):
+        check_launch(1, {"WORLD_SIZE": "2", "RANK": "0"})  # torchrun on CPU without the CPU flag
+    with pytest.raises(LaunchError, match="runs a single process"):
+        check_launch(1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})

@@ -32,13 +32,16 @@ from dreamid_core import DreamIDError
 
 from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
+from .launch import check_global_batch, global_batch, launch_command
 from .setup import build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
 from .step import diffusion_loss, step_generator
 
 logger = logging.getLogger("training.train")
 
-#: config fields that may change between a checkpoint and its resumption
-RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "extra")
+#: config fields that may change between a checkpoint and its resumption (batch_size and
+#: gradient_accumulation_steps only while the global batch stays the same, see training.launch)
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "extra", "batch_size",
+                     "gradient_accumulation_steps")
 
 
 class TrainingDivergedError(DreamIDError, RuntimeError):
@@ -60,6 +63,7 @@ class RunFlags:
     channels_last: bool = False
     compile_unet: bool = False  # torch.compile the UNet (GPU; results no longer bit-identical to eager)
     progress: bool = True
+    allow_batch_change: bool = False  # resume even though the global batch differs from the checkpoint's
 
 
 @dataclass
@@ -154,11 +158,24 @@ def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
                               "or choose a new --output-dir")
     if flags.resume and resume_from is None:
         logger.warning("--resume given but %s holds no complete checkpoint; starting from step 0", out)
+    world = accelerator.num_processes
+    now_batch = {"num_processes": world, "batch_size": cfg.batch_size,
+                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+    saved_state = None
     if resume_from is not None:
-        _check_resumable(ExperimentConfig.from_json(resume_from.config_json(), str(resume_from.path / CONFIG_FILE)),
-                         cfg, resume_from.path)
+        saved_cfg = ExperimentConfig.from_json(resume_from.config_json(), str(resume_from.path / CONFIG_FILE))
+        _check_resumable(saved_cfg, cfg, resume_from.path)
+        saved_state = resume_from.training_state()
+        saved_batch = {"num_processes": int(saved_state.get("num_processes", 1)), "batch_size": saved_cfg.batch_size,
+                       "gradient_accumulation_steps": saved_cfg.gradient_accumulation_steps}
+        note = check_global_batch(saved=saved_batch, now=now_batch, run_dir=str(out), allow=flags.allow_batch_change)
+        if note:
+            logger.warning("%s", note)
     if main:
         cfg.save(out / CONFIG_FILE)
+        logger.info("global batch %d = %d process(es) x batch_size %d x gradient_accumulation_steps %d; resume "
+                    "with `%s --output-dir %s --resume`", global_batch(**now_batch), world, cfg.batch_size,
+                    cfg.gradient_accumulation_steps, launch_command(world), out)
 
     _seed_everything(cfg.seed)
     device = accelerator.device
@@ -174,7 +191,7 @@ def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
     step = 0
     if resume_from is not None:
-        step = _load_checkpoint(resume_from, encoder, optimizer, lr_scheduler, data.sampler)
+        step = _load_checkpoint(resume_from, saved_state, encoder, optimizer, lr_scheduler, data.sampler)
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
     if resume_from is not None:
         rng = resume_from.rng_state(accelerator.process_index)
@@ -203,7 +220,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def _load_checkpoint(ckpt: Checkpoint, encoder, optimizer, lr_scheduler, sampler) -> int:
+def _load_checkpoint(ckpt: Checkpoint, state: dict[str, Any], encoder, optimizer, lr_scheduler, sampler) -> int:
     from safetensors.torch import load_file
 
     from dreamid_core import read_encoder_config
@@ -216,7 +233,6 @@ def _load_checkpoint(ckpt: Checkpoint, encoder, optimizer, lr_scheduler, sampler
     if unexpected or [m for m in missing if not m.startswith("backbone.")]:
         raise ConfigError(f"{ckpt.encoder_path}: tensors do not fit the encoder (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
-    state = ckpt.training_state()
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     sampler.load_state_dict(state["sampler"])
@@ -316,7 +332,9 @@ def save_checkpoint(cfg, accelerator, manager: CheckpointManager, step: int, enc
     accelerator.wait_for_everyone()
     if main:
         state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                 "sampler": data.sampler.state_dict(), "num_processes": accelerator.num_processes}
+                 "sampler": data.sampler.state_dict(), "num_processes": accelerator.num_processes,
+                 "global_batch": global_batch(accelerator.num_processes, cfg.batch_size,
+                                              cfg.gradient_accumulation_steps)}
         if accelerator.scaler is not None:
             state["grad_scaler"] = accelerator.scaler.state_dict()
         manager.commit(step, encoder=accelerator.unwrap_model(encoder), config=cfg, training_state=state,
@@ -336,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, data report")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    p.add_argument("--allow-batch-change", action="store_true",
+                   help="resume although processes x batch_size x gradient_accumulation_steps differs from the "
+                        "checkpoint's (changes the recipe; refused otherwise)")
     p.add_argument("--stop-after-step", type=int, help="checkpoint and stop at this step (schedule unchanged)")
     p.add_argument("--cache-dir", help="face crops and latents cache (default: OUTPUT_DIR/cache)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines and TensorBoard points")
@@ -361,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         flags = RunFlags(output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
                          stop_after_step=args.stop_after_step, cache_dir=args.cache_dir, log_every=args.log_every,
                          num_workers=args.num_workers, report_to=args.report_to, channels_last=args.channels_last,
-                         compile_unet=args.compile, progress=not args.no_progress)
+                         compile_unet=args.compile, progress=not args.no_progress,
+                         allow_batch_change=args.allow_batch_change)
         result = train(cfg, flags)
     except (DreamIDError, ConfigError, FileNotFoundError, FileExistsError) as exc:
         logger.error("%s", exc)
