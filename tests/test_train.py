@@ -494,3 +494,31 @@ def test_launch_checks_name_the_working_command():
         check_launch(1, {"WORLD_SIZE": "2", "RANK": "0"})  # torchrun on CPU without the CPU flag
     with pytest.raises(LaunchError, match="runs a single process"):
         check_launch(1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+
+
+# -- one trainer per run folder (issue 8 item 5) ---------------------------------------------------------
+
+def test_a_second_trainer_on_the_same_folder_is_refused_naming_the_first(cfg, tmp_path):
+    import socket
+
+    from training.locking import RunFolderBusyError
+
+    run = tmp_path / "run"
+    code = ("import sys, time\nfrom training.locking import RunLock\nlock = RunLock(sys.argv[1]).__enter__()\n"
+            "print('locked', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=REPO, env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(RunFolderBusyError) as info:
+            train(cfg.replace(max_steps=2), flags(run))
+        message = str(info.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message and "--output-dir" in message
+        assert not (run / "metrics.jsonl").exists() and not (run / "config.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait(timeout=30)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(cfg.replace(max_steps=2), flags(run)).step == 2

@@ -26,10 +26,7 @@ from typing import IO, Any
 
 from dreamid_core.fileio import atomic_write
 
-try:  # POSIX only; on Windows shards are not protected against being started twice
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from .locking import try_lock  # POSIX only; on Windows shards are not protected against being started twice
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +94,10 @@ class PartWriter:
     def __enter__(self) -> PartWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                raise ShardBusyError(f"{self.path} is locked: this shard is already running in another process. "
-                                   "Wait for it, or give this process another --shard.") from None
+        if not try_lock(fh):
+            fh.close()
+            raise ShardBusyError(f"{self.path} is locked: this shard is already running in another process. "
+                                 "Wait for it, or give this process another --shard.")
         self._truncate_partial_line(fh)
         self._fh = fh
         return self

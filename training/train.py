@@ -14,6 +14,7 @@ on their image (:mod:`training.latents`), and optimizer, scheduler and RNG state
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from dreamid_core import DreamIDError
 from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
 from .launch import check_global_batch, global_batch, launch_command
+from .locking import RunLock
 from .setup import build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
 from .step import diffusion_loss, step_generator
 
@@ -146,9 +148,15 @@ def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
         log_with="tensorboard" if flags.report_to == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     main = accelerator.is_main_process
+    lock = RunLock(out) if main else contextlib.nullcontext()
+    with lock:  # one trainer per run folder (the main process holds the lock for the whole run)
+        return _train(cfg, flags, accelerator, out)
+
+
+def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> TrainResult:
+    main = accelerator.is_main_process
     manager = CheckpointManager(out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         manager.cleanup()
     accelerator.wait_for_everyone()
 
