@@ -1,0 +1,288 @@
+"""A learned identity (both layouts) and its file format; also reads plain textual-inversion files.
+
+API
+- ``LAYOUTS = ("words", "per_stage")``; ``IDENTITY_FORMAT_VERSION``.
+- ``IdentityConfig``: how the identity was made (layout, num_tokens k, num_stages S, stage_kind,
+  target family, init "encoder" | "word:<w>" | "file:<name>", class_word, steps, lr, attn_weight,
+  seed, resolution, base_model, base_model_hash, format_version). ``to_json()`` / ``from_json()``
+  (unknown fields and newer versions refused).
+- ``LearnedIdentity(config, tensors)``: tensors per text encoder key ("clip_l", "clip_h", "clip_g"):
+  ``words`` -> ``[k, D]`` (S* exactly as the encoder gives it); ``per_stage`` -> ``[S, 2, k, D]``
+  (index 0 feeds the cross-attention KEYS, 1 the VALUES), all in the text encoder's INPUT
+  word-embedding space. Methods: ``to_embeds()`` (words -> ``IdentityEmbeds``), ``stage_vectors(stage,
+  kv)`` -> ``{key: [k, D]}`` (kv "key"/"value" or 0/1; a words identity returns S* for every stage),
+  ``LearnedIdentity.words(parts, config)``, ``LearnedIdentity.per_stage_from_words(parts, config)``
+  (every stage's K and V = the given S*), ``num_tokens``, ``widths``.
+- ``save_learned_identity(path, ident, overwrite=False) -> Path``: atomic. ``words`` -> a standard
+  textual-inversion file (``emb_params`` or ``clip_l`` + ``clip_g``) so ``embedding:NAME`` works;
+  ``per_stage`` -> ``{key: [S, 2, k, D]}``. Metadata ``dreamid_identity`` = the config as JSON.
+- ``load_learned_identity(path, single_key=None) -> LearnedIdentity``: the pack's files are rebuilt
+  from their metadata; plain TI files become a ``words`` identity: ``.safetensors`` with
+  ``emb_params`` / ``clip_l`` + ``clip_g`` / ``clip_h`` / ``string_to_param.*``, diffusers
+  ``learned_embeds`` ``{"<tok>": t}``; A1111 / diffusers ``.pt`` / ``.bin`` ONLY via
+  ``torch.load(weights_only=True)`` (a pickle that needs more is refused). A single unnamed tensor goes
+  to ``single_key`` when given, else to the encoder its width names (768 clip_l, 1024 clip_h,
+  1280 clip_g), else it is an error asking for ``single_key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TEXT_ENCODER_PRESETS, unknown_fields
+from .embedding_io import embedding_tensors
+from .errors import WeightFormatError
+from .fileio import atomic_save_safetensors
+from .identity import IdentityEmbeds
+from .stages import STAGE_KINDS
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("words", "per_stage")
+IDENTITY_FORMAT_VERSION = 1
+META_KEY = "dreamid_identity"
+KV_INDEX = {"key": 0, "value": 1, 0: 0, 1: 1}
+_WIDTH_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
+_TARGET_OF_KEYS = {tuple(sorted(k for k, _ in v)): name for name, v in TEXT_ENCODER_PRESETS.items()}
+
+
+@dataclass
+class IdentityConfig:
+    """How a learned identity was made; written as JSON into its file."""
+
+    layout: str = "words"
+    num_tokens: int = 2
+    num_stages: int = 5
+    stage_kind: str = "time"
+    target: str = "unknown"
+    init: str = "word:person"
+    class_word: str = "person"
+    steps: int = 0
+    lr: float = 5e-3
+    attn_weight: float = 0.003
+    seed: int = 0
+    resolution: int = 512
+    base_model: str | None = None
+    base_model_hash: str | None = None
+    format_version: int = IDENTITY_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.stage_kind not in STAGE_KINDS:
+            raise ValueError(f"stage_kind must be one of {STAGE_KINDS}, got {self.stage_kind!r}")
+        if not (isinstance(self.num_tokens, int) and self.num_tokens >= 1):
+            raise ValueError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}")
+        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
+            raise ValueError(f"num_stages must be an integer >= 1, got {self.num_stages!r}")
+        if not (self.init == "encoder" or self.init.startswith(("word:", "file:"))):
+            raise ValueError(f"init must be 'encoder', 'word:<word>' or 'file:<name>', got {self.init!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "metadata") -> IdentityConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise WeightFormatError(f"{source}: the identity config is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise WeightFormatError(f"{source}: the identity config is {type(data).__name__}, expected an object")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise WeightFormatError(f"{source}: format_version is missing or not an integer ({version!r})")
+        if version > IDENTITY_FORMAT_VERSION:
+            raise WeightFormatError(f"{source}: identity format version {version}, this DreamIdentity reads up to "
+                                    f"{IDENTITY_FORMAT_VERSION}. Update the pack to load it.")
+        unknown = unknown_fields(cls, data)
+        if unknown:
+            raise WeightFormatError(f"{source}: unknown identity config fields {unknown}; written by a newer "
+                                    "DreamIdentity? Update the pack to load it.")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise WeightFormatError(f"{source}: invalid identity config: {exc}") from exc
+
+
+@dataclass
+class LearnedIdentity:
+    """An identity: ``config`` plus tensors per text encoder (see the module docstring for shapes)."""
+
+    config: IdentityConfig
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise WeightFormatError("a learned identity needs at least one text encoder's tensors")
+        c = self.config
+        for key, t in self.tensors.items():
+            want = 2 if c.layout == "words" else 4
+            if t.ndim != want or t.shape[-2] != c.num_tokens or (
+                    c.layout == "per_stage" and tuple(t.shape[:2]) != (c.num_stages, 2)):
+                shape = "[k, D]" if c.layout == "words" else "[S, 2, k, D]"
+                raise WeightFormatError(
+                    f"identity tensor {key} has shape {tuple(t.shape)}; a {c.layout} identity with k={c.num_tokens}, "
+                    f"S={c.num_stages} needs {shape}")
+            if not torch.isfinite(t).all():
+                raise WeightFormatError(f"identity tensor {key} holds NaN or infinity; re-learn the identity")
+
+    @property
+    def layout(self) -> str:
+        return self.config.layout
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {k: int(v.shape[-1]) for k, v in self.tensors.items()}
+
+    @classmethod
+    def words(cls, parts: dict[str, torch.Tensor], config: IdentityConfig | None = None) -> LearnedIdentity:
+        parts = {k: v.detach().to("cpu", torch.float32).clone() for k, v in parts.items()}
+        k = next(iter(parts.values())).shape[0]
+        config = dataclasses.replace(config or IdentityConfig(), layout="words", num_tokens=k)
+        return cls(config, parts)
+
+    @classmethod
+    def per_stage_from_words(cls, parts: dict[str, torch.Tensor],
+                             config: IdentityConfig | None = None) -> LearnedIdentity:
+        """Every stage's key and value set = the given S* (``{key: [k, D]}``)."""
+        config = dataclasses.replace(config or IdentityConfig(), layout="per_stage")
+        config.num_tokens = next(iter(parts.values())).shape[0]
+        tensors = {k: v.detach().to("cpu", torch.float32)[None, None].expand(config.num_stages, 2, -1, -1).clone()
+                   for k, v in parts.items()}
+        return cls(config, tensors)
+
+    def to_embeds(self) -> IdentityEmbeds:
+        """A ``words`` identity as DREAMID_EMBEDS (InjectIDTokens, SaveIDEmbedding take it unchanged)."""
+        if self.layout != "words":
+            raise ValueError("a per_stage identity has different vectors per stage and for keys and values; it is "
+                             "not one S*. Apply it with DreamID_ApplyPerStageIdentity, or learn with layout 'words'.")
+        info = {"target": self.config.target, "learned": True, "init": self.config.init, "steps": self.config.steps}
+        return IdentityEmbeds(parts={k: v.clone() for k, v in self.tensors.items()}, info=info)
+
+    def stage_vectors(self, stage: int, kv: str | int) -> dict[str, torch.Tensor]:
+        """``{key: [k, D]}`` for ``stage`` and ``kv`` ("key"/0 or "value"/1). Tensors are not copied."""
+        if kv not in KV_INDEX:
+            raise ValueError(f"kv must be 'key', 'value', 0 or 1, got {kv!r}")
+        if self.layout == "words":
+            return dict(self.tensors)
+        if not 0 <= stage < self.config.num_stages:
+            raise ValueError(f"stage {stage} out of range 0..{self.config.num_stages - 1}")
+        return {k: v[stage, KV_INDEX[kv]] for k, v in self.tensors.items()}
+
+
+def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, *, overwrite: bool = False) -> Path:
+    """Write ``ident`` atomically as ``.safetensors`` (see the module docstring for the keys)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists. Choose another name, or set overwrite to true to replace it.")
+    if ident.layout == "words":
+        tensors = embedding_tensors(ident.tensors)
+    else:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ident.tensors.items()}
+    meta = {"format": "pt", META_KEY: ident.config.to_json()}
+    atomic_save_safetensors(tensors, path, meta)
+    logger.info("wrote %s identity %s (%s)", ident.layout, path,
+                ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    return path
+
+
+def _single_key(t: torch.Tensor, single_key: str | None, source: str) -> str:
+    if single_key:
+        return single_key
+    width = int(t.shape[-1])
+    if width in _WIDTH_KEYS:
+        return _WIDTH_KEYS[width]
+    raise WeightFormatError(f"{source}: one embedding {width} wide; cannot tell which text encoder it is for. "
+                            "Connect the CLIP it was made for (or pass single_key='clip_l'/'clip_h').")
+
+
+def _as_words(raw: dict[str, Any], single_key: str | None, source: str) -> dict[str, torch.Tensor]:
+    """A plain textual-inversion dict -> ``{key: [k, D]}`` float32."""
+    if "string_to_param" in raw and isinstance(raw["string_to_param"], dict):  # A1111 .pt
+        raw = {"string_to_param." + k: v for k, v in raw["string_to_param"].items()}
+    tensors = {k: v for k, v in raw.items() if torch.is_tensor(v)}
+    named = {k: tensors[k] for k in ("clip_l", "clip_h", "clip_g") if k in tensors}
+    if named:
+        parts = named
+    elif "emb_params" in tensors:
+        parts = {_single_key(tensors["emb_params"], single_key, source): tensors["emb_params"]}
+    elif len(tensors) == 1:  # string_to_param.* or diffusers {"<tok>": t}
+        (t,) = tensors.values()
+        parts = {_single_key(t, single_key, source): t}
+    else:
+        raise WeightFormatError(f"{source}: not a textual-inversion file (keys {sorted(raw)[:8]}); expected "
+                                "emb_params, clip_l/clip_g, clip_h, string_to_param or one learned embedding")
+    out = {}
+    for k, t in parts.items():
+        t = t.detach().to("cpu", torch.float32)
+        t = t[None] if t.ndim == 1 else t.reshape(-1, t.shape[-1])
+        out[k] = t
+    ks = {t.shape[0] for t in out.values()}
+    if len(ks) != 1:
+        raise WeightFormatError(f"{source}: the text encoders' embeddings have different token counts {sorted(ks)}")
+    return out
+
+
+def _read_raw(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightFormatError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    if path.suffix in (".pt", ".bin", ".pth"):
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError and friends: refuse, never unpickle code
+            raise WeightFormatError(
+                f"{path}: refused. It cannot be read with torch.load(weights_only=True) ({type(exc).__name__}), so "
+                "it may run code when loaded. Convert it to .safetensors with a tool you trust.") from exc
+        if not isinstance(raw, dict):
+            raise WeightFormatError(f"{path}: holds a {type(raw).__name__}, expected a dict of tensors")
+        return raw, {}
+    raise WeightFormatError(f"{path}: unsupported extension {path.suffix!r}; use .safetensors (or .pt / .bin)")
+
+
+def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | None = None) -> LearnedIdentity:
+    """Read a pack identity file or a plain textual-inversion file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"identity file {path} does not exist")
+    raw, meta = _read_raw(path)
+    if META_KEY in meta:
+        config = IdentityConfig.from_json(meta[META_KEY], source=str(path))
+        tensors = _as_words(raw, single_key, str(path)) if config.layout == "words" else {
+            k: v.to(torch.float32) for k, v in raw.items()}
+        return LearnedIdentity(config, tensors)
+    parts = _as_words(raw, single_key, str(path))
+    for key, t in parts.items():
+        if not torch.isfinite(t).all() or not math.isfinite(float(t.abs().max())):
+            raise WeightFormatError(f"{path}: embedding {key} holds NaN or infinity")
+    target = _TARGET_OF_KEYS.get(tuple(sorted(parts)), "unknown")
+    try:
+        info = json.loads(meta.get("dreamid", "{}"))
+        target = info.get("target", target) if isinstance(info, dict) else target
+    except json.JSONDecodeError:
+        pass
+    config = IdentityConfig(layout="words", num_tokens=next(iter(parts.values())).shape[0], target=str(target),
+                            init=f"file:{path.name}")
+    return LearnedIdentity(config, parts)
