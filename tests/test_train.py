@@ -20,8 +20,9 @@ from training_fixtures import insightface_images, make_setup, one_thread, subpro
 
 from training.checkpoint import CheckpointManager, is_complete
 from training.config import ConfigError, ExperimentConfig
-from training.data import TrainingData, collate, load_edit_manifest, prepare_recon, write_report
+from training.data import TrainingData, collate, load_edit_manifest, write_report
 from training.latents import LatentCache
+from training.recon import prepare_recon
 from training.sampler import MixSampler
 from training.setup import build_encoder, load_base
 from training.step import diffusion_loss, step_generator
@@ -522,3 +523,90 @@ def test_a_second_trainer_on_the_same_folder_is_refused_naming_the_first(cfg, tm
 
     AcceleratorState._reset_state(reset_partial_state=True)
     assert train(cfg.replace(max_steps=2), flags(run)).step == 2
+
+
+# -- face alignment of the recon folder: its own sharded, resumable step (issue 8 item 2) ----------------
+
+class CountingDetector:
+    """MTCNN that counts the photos it saw and can be made to die after ``fail_after`` of them."""
+
+    name = "mtcnn"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        from dreamid_core import make_detector
+
+        self.inner, self.fail_after, self.calls = make_detector("mtcnn"), fail_after, 0
+
+    def detect(self, image):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("killed")  # not an Exception: like a kill, it ends the step
+        self.calls += 1
+        return self.inner.detect(image)
+
+
+def test_recon_alignment_shards_resume_and_report(tmp_path):
+    from training.jsonl import StepStore, shard_of
+    from training.recon import ReconNotAlignedError, align_recon, collect_recon
+
+    photos = recon_photos(tmp_path / "photos")
+    (photos / "corrupt.jpg").write_bytes((insightface_images() / "t1.jpg").read_bytes()[:600])
+    Image.open(insightface_images() / "mask_white.jpg").save(photos / "mask.jpg")
+    cache = tmp_path / "cache"
+    names = sorted(p.name for p in photos.iterdir())
+    owner = {n: shard_of(n, 2) for n in names}
+    assert set(owner.values()) == {0, 1}, owner  # both shards have work
+    with pytest.raises(KeyboardInterrupt):  # shard 0 dies after its first photo
+        align_recon(photos, cache, min_face_size=32, detector=CountingDetector(fail_after=1), shard=0, num_shards=2)
+    with pytest.raises(ReconNotAlignedError, match=r"of 5 photos .* are not aligned yet.*--stop-after-step 0"):
+        collect_recon(photos, cache, min_face_size=32)
+    det1 = CountingDetector()
+    s1 = align_recon(photos, cache, min_face_size=32, detector=det1, shard=1, num_shards=2)
+    det0 = CountingDetector()
+    s0 = align_recon(photos, cache, min_face_size=32, detector=det0, shard=0, num_shards=2, progress=True)
+    mine = sum(v == 0 for v in owner.values())
+    assert s0.photos == mine and s0.from_cache >= 1 and s0.aligned_now >= 1  # the killed run's photos are kept
+    assert s0.from_cache + s0.aligned_now == mine
+    assert s1.photos == len(names) - mine and s1.aligned_now == s1.photos
+    records = StepStore(cache, "align").records()
+    assert sorted(r["file"] for r in records.values()) == names  # every photo exactly once, by its own shard
+    items, report = collect_recon(photos, cache, min_face_size=32)
+    assert sorted(Path(it.image).name for it in items) == ["group_crop.jpg", "tom.png", "tom_flipped.png"]
+    assert {s["file"]: s["reason"] for s in report.skipped} == {"corrupt.jpg": "unreadable", "mask.jpg": "no_face"}
+    # another shard layout finds everything done
+    again = CountingDetector(fail_after=0)
+    assert sum(align_recon(photos, cache, min_face_size=32, detector=again, shard=i, num_shards=3).aligned_now
+               for i in range(3)) == 0
+
+
+def test_stop_after_step_zero_prepares_only(setup_root, tmp_path, monkeypatch):
+    import training.recon as recon
+
+    photos = recon_photos(setup_root / "recon")
+    cfg = make_setup(setup_root, recon_dir=str(photos), recon_fraction=0.5, min_face_size=32, max_steps=2,
+                     checkpoint_every=2, cache_latents="memory", prompt_templates=("a photo of S*",))
+    run = tmp_path / "run"
+    result = train(cfg, flags(run, stop_after_step=0))
+    assert result.step == 0 and result.checkpoint is None and not list(run.glob("checkpoint-*"))
+    assert json.loads((run / "data_report.json").read_text())["recon"]["usable"] == 3
+    assert list((run / "cache" / "faces" / "align" / "parts").glob("align.part-000-of-001.jsonl"))
+    assert not (run / "metrics.jsonl").exists()
+
+    def no_detector(*a, **kw):
+        raise AssertionError("the faces were aligned by the prepare-only run")
+
+    monkeypatch.setattr(recon, "make_detector", no_detector)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(cfg, flags(run)).step == 2
+
+
+def test_process_group_timeout_is_explicit():
+    from datetime import timedelta
+
+    from training.train import build_parser, process_group_kwargs
+
+    args = build_parser().parse_args(["--output-dir", "x", "--process-group-timeout", "240"])
+    assert process_group_kwargs(flags(Path("x"), process_group_timeout_min=args.process_group_timeout)).timeout \
+        == timedelta(minutes=240)
+    assert process_group_kwargs(flags(Path("x"))).timeout == timedelta(hours=3)

@@ -1,9 +1,6 @@
 """Training data: reconstruction photos (aligned once, cached) and the editing manifest.
 
-- :func:`prepare_recon`: a folder of face photos (FFHQ-style). Each photo is aligned by the core's
-  :class:`~dreamid_core.FacePipeline` into a 112 px ID crop (largest face); the crop is written to
-  the cache folder once, so a restart costs a ``stat`` per photo. Unreadable, faceless and
-  small-face photos are skipped and listed in the report (never an exception).
+- reconstruction photos are aligned by their own resumable, sharded step (:mod:`training.recon`);
 - :func:`load_edit_manifest`: the JSONL of ``training/build_dataset.py``; only ``"kept": true`` lines.
 - :class:`TrainingData`: a map-style dataset indexed by :class:`~training.sampler.SampleRef`.
   The target image is the photo center-cropped and resized to the training resolution, in -1..1.
@@ -23,8 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamid_core import FacePipeline, make_detector
-from dreamid_core.detection import FaceDetector
 from dreamid_core.fileio import atomic_write
 from dreamid_core.images import load_image
 
@@ -33,7 +28,6 @@ from .sampler import SampleRef
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-INDEX_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -109,7 +103,7 @@ def load_crop(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _save_crop(crop: torch.Tensor, path: Path) -> None:
+def save_crop(crop: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     arr = crop.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [S, S, 3]
@@ -120,92 +114,6 @@ def _save_crop(crop: torch.Tensor, path: Path) -> None:
 def _write_json(path: Path, data: Any) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-
-
-# -- reconstruction photos ----------------------------------------------------------------------
-
-def list_photos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def prepare_recon(folder: str | Path, cache_dir: str | Path, *, crop_size: int = 112, min_face_size: int = 64,
-                  detector: str | FaceDetector = "mtcnn", detector_device: str = "cpu",
-                  save_every: int = 1000) -> tuple[list[FaceItem], DataReport]:
-    """Align every photo under ``folder`` once; crops and outcomes are cached in ``cache_dir``.
-
-    The cache key is the photo's path, size and mtime plus the alignment settings, so an edited
-    photo or a different detector is aligned again. Failures are cached too (a faceless photo is
-    not re-detected on every restart). ``detector``: a :func:`dreamid_core.make_detector` name, or a
-    detector (its ``name`` is part of the cache key); it is only built when a photo needs aligning."""
-    folder, cache_dir = Path(folder), Path(cache_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"recon_dir {folder} is not a folder; give a folder of face photos (FFHQ-style)")
-    photos = list_photos(folder)
-    report = DataReport(source="recon", total=len(photos), details={"folder": str(folder)})
-    if not photos:
-        raise FileNotFoundError(f"recon_dir {folder} holds no photos ({', '.join(IMAGE_EXTENSIONS)})")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    index_path = cache_dir / "index.json"
-    index: dict[str, Any] = {}
-    if index_path.is_file():
-        try:
-            loaded = json.loads(index_path.read_text())
-            if loaded.get("version") == INDEX_VERSION:
-                index = loaded.get("entries", {})
-        except (json.JSONDecodeError, AttributeError):
-            logger.warning("face cache index %s is unreadable; aligning again", index_path)
-    det_name = detector if isinstance(detector, str) else detector.name
-    pipeline: FacePipeline | None = None
-    items: list[FaceItem] = []
-    fresh = 0
-    for photo in photos:
-        rel = str(photo.relative_to(folder))
-        image_id = file_id(photo)
-        key = hashlib.sha1(f"{image_id}|{crop_size}|{det_name}|{min_face_size}".encode()).hexdigest()
-        entry = index.get(key)
-        crop_path = cache_dir / f"{key}.png"
-        if entry is None or (entry["status"] == "ok" and not crop_path.is_file()):
-            if pipeline is None:
-                det = make_detector(detector, device=detector_device) if isinstance(detector, str) else detector
-                pipeline = FacePipeline(det, crop_size=crop_size)
-            entry = _align_one(pipeline, photo, crop_path, min_face_size)
-            index[key] = entry
-            fresh += 1
-            if fresh % save_every == 0:
-                _write_json(index_path, {"version": INDEX_VERSION, "entries": index})
-                logger.info("aligned %d new photos so far (%s)", fresh, rel)
-        if entry["status"] == "ok":
-            items.append(FaceItem(crop=str(crop_path), image=str(photo), image_id=image_id))
-        else:
-            report.skip(rel, entry["reason"], entry.get("detail", ""))
-    if fresh:
-        _write_json(index_path, {"version": INDEX_VERSION, "entries": index})
-    report.usable = len(items)
-    report.details.update(aligned_now=fresh, from_cache=len(photos) - fresh, cache_dir=str(cache_dir),
-                          detector=det_name, min_face_size=min_face_size)
-    return items, report
-
-
-def _align_one(pipeline: FacePipeline, photo: Path, crop_path: Path, min_face_size: int) -> dict[str, Any]:
-    from dreamid_core import FaceNotFoundError, ImageInputError
-
-    try:
-        image = load_image(photo)
-        result = pipeline.process_one(image)
-    except ImageInputError as exc:
-        return {"status": "skipped", "reason": "unreadable", "detail": str(exc)}
-    except FaceNotFoundError as exc:
-        return {"status": "skipped", "reason": "no_face", "detail": str(exc).split(". ")[0]}
-    except Exception as exc:  # one odd file must not end a 70k-photo run; it is reported instead
-        logger.warning("unexpected %s while aligning %s: %s", type(exc).__name__, photo, exc)
-        return {"status": "skipped", "reason": "error", "detail": f"{type(exc).__name__}: {exc}"}
-    short = result.detection.short_side
-    if short < min_face_size:
-        return {"status": "skipped", "reason": "face_too_small",
-                "detail": f"face box short side {short:.0f} px < min_face_size {min_face_size}"}
-    _save_crop(result.crop, crop_path)
-    return {"status": "ok", "num_faces": result.num_faces, "face_px": round(short, 1)}
 
 
 # -- editing manifest -----------------------------------------------------------------------------

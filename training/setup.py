@@ -12,9 +12,10 @@ import torch
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, load_arcface_backbone
 
 from .config import ConfigError, ExperimentConfig
-from .data import DataReport, FaceItem, TrainingData, load_edit_manifest, prepare_recon, write_report
+from .data import DataReport, FaceItem, TrainingData, load_edit_manifest, write_report
 from .latents import LatentCache, vae_identity
 from .models import BaseModel, load_base_model
+from .recon import align_recon, collect_recon
 from .sampler import MixSampler
 
 logger = logging.getLogger(__name__)
@@ -103,15 +104,19 @@ class TrainData:
 
 
 def build_data(cfg: ExperimentConfig, base: BaseModel, *, cache_dir: Path, report_path: Path | None,
-               crop_size: int = 112, detector=None, device: torch.device | str = "cpu") -> TrainData:
+               crop_size: int = 112, detector=None, device: torch.device | str = "cpu",
+               align_faces: bool = True) -> TrainData:
     """Datasets, sampler and latent cache. ``crop_size``: the face backbone's input size; ``detector``:
-    a FaceDetector to use instead of ``cfg.detector`` (built on ``device`` when photos need aligning)."""
+    a FaceDetector to use instead of ``cfg.detector`` (built on ``device`` when photos need aligning).
+    ``align_faces`` False: the recon photos were aligned by :func:`align_faces` (every rank its shard)."""
     items: dict[str, list[FaceItem]] = {"recon": [], "edit": []}
     reports = []
     if cfg.recon_dir and cfg.recon_fraction > 0:
-        items["recon"], rep = prepare_recon(cfg.recon_dir, cache_dir / "faces", crop_size=crop_size,
-                                            min_face_size=cfg.min_face_size, detector=detector or cfg.detector,
-                                            detector_device=str(device))
+        if align_faces:
+            align_recon(cfg.recon_dir, cache_dir / "faces", crop_size=crop_size, min_face_size=cfg.min_face_size,
+                        detector=detector or cfg.detector, detector_device=str(device))
+        items["recon"], rep = collect_recon(cfg.recon_dir, cache_dir / "faces", crop_size=crop_size,
+                                            min_face_size=cfg.min_face_size, detector=detector or cfg.detector)
         reports.append(rep)
     if cfg.edit_manifest and cfg.recon_fraction < 1:
         items["edit"], rep = load_edit_manifest(cfg.edit_manifest, trigger=cfg.trigger, crop_size=crop_size)
@@ -126,3 +131,12 @@ def build_data(cfg: ExperimentConfig, base: BaseModel, *, cache_dir: Path, repor
     sampler = MixSampler(sizes=dataset.sizes(), recon_fraction=cfg.recon_fraction, seed=cfg.seed,
                          num_templates=len(cfg.prompt_templates))
     return TrainData(dataset=dataset, sampler=sampler, latents=latents, reports=reports)
+
+
+def align_faces(cfg: ExperimentConfig, *, cache_dir: Path, crop_size: int, shard: int, num_shards: int,
+                device: torch.device | str = "cpu", progress: bool = False, detector=None) -> None:
+    """This process's shard of the recon folder's face alignment (nothing to do without recon data)."""
+    if cfg.recon_dir and cfg.recon_fraction > 0:
+        align_recon(cfg.recon_dir, cache_dir / "faces", crop_size=crop_size, min_face_size=cfg.min_face_size,
+                    detector=detector or cfg.detector, detector_device=str(device), shard=shard,
+                    num_shards=num_shards, progress=progress)

@@ -35,7 +35,7 @@ from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
 from .launch import check_global_batch, global_batch, launch_command
 from .locking import RunLock
-from .setup import build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
+from .setup import align_faces, build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
 from .step import diffusion_loss, step_generator
 
 logger = logging.getLogger("training.train")
@@ -65,6 +65,9 @@ class RunFlags:
     channels_last: bool = False
     compile_unet: bool = False  # torch.compile the UNet (GPU; results no longer bit-identical to eager)
     progress: bool = True
+    # collectives wait this long for the slowest rank (NCCL's default, 10 min, is shorter than aligning a
+    # big recon folder's shard or a slow checkpoint write on a network disk)
+    process_group_timeout_min: float = 180.0
     allow_batch_change: bool = False  # resume even though the global batch differs from the checkpoint's
 
 
@@ -106,6 +109,15 @@ def _accelerate():
     return accelerate
 
 
+def process_group_kwargs(flags: RunFlags):
+    """The explicit process-group timeout (accelerate passes it to torch.distributed.init_process_group)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=flags.process_group_timeout_min))
+
+
 def _tb_hparams(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.to_dict().items()}
 
@@ -144,6 +156,7 @@ def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
     cfg.check_data()
     out = Path(flags.output_dir)
     accelerator = accelerate.Accelerator(
+        kwargs_handlers=[process_group_kwargs(flags)],
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard" if flags.report_to == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
@@ -192,9 +205,17 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
         base.unet = torch.compile(base.unet)
     encoder = build_encoder(cfg, base).to(device)
     cache_dir = Path(flags.cache_dir) if flags.cache_dir else out / "cache"
-    with accelerator.main_process_first():
-        data = build_data(cfg, base, cache_dir=cache_dir, report_path=out / "data_report.json" if main else None,
-                          crop_size=encoder.config.backbone.image_size, device=device)
+    crop_size = encoder.config.backbone.image_size
+    # every rank aligns its shard of the recon folder (a resumable step of its own), then all read every shard
+    align_faces(cfg, cache_dir=cache_dir, crop_size=crop_size, shard=accelerator.process_index, num_shards=world,
+                device=device, progress=main and flags.progress)
+    accelerator.wait_for_everyone()
+    data = build_data(cfg, base, cache_dir=cache_dir, report_path=out / "data_report.json" if main else None,
+                      crop_size=crop_size, device=device, align_faces=False)
+    if flags.stop_after_step == 0:
+        logger.info("--stop-after-step 0: data prepared (faces aligned, %s written); no training step run",
+                    out / "data_report.json")
+        return TrainResult(step=0, checkpoint=resume_from.path if resume_from else None, output_dir=out)
     optimizer = build_optimizer(cfg, encoder)
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
     step = 0
@@ -211,7 +232,7 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
     if flags.report_to == "tensorboard":
         accelerator.init_trackers("dreamid", config=_tb_hparams(cfg))
 
-    stop = min(cfg.max_steps, flags.stop_after_step or cfg.max_steps)
+    stop = cfg.max_steps if flags.stop_after_step is None else min(cfg.max_steps, flags.stop_after_step)
     result = TrainResult(step=step, checkpoint=resume_from.path if resume_from else None, output_dir=out)
     try:
         _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data, manager, step, stop, result)
@@ -365,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-batch-change", action="store_true",
                    help="resume although processes x batch_size x gradient_accumulation_steps differs from the "
                         "checkpoint's (changes the recipe; refused otherwise)")
-    p.add_argument("--stop-after-step", type=int, help="checkpoint and stop at this step (schedule unchanged)")
+    p.add_argument("--stop-after-step", type=int, help="checkpoint and stop at this step (schedule unchanged); 0: "
+                                                       "prepare only (align the recon faces, write the data report)")
+    p.add_argument("--process-group-timeout", type=float, default=180.0, metavar="MINUTES",
+                   help="how long collectives wait for the slowest rank (NCCL's own default is 10 min)")
     p.add_argument("--cache-dir", help="face crops and latents cache (default: OUTPUT_DIR/cache)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines and TensorBoard points")
     p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
@@ -391,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                          stop_after_step=args.stop_after_step, cache_dir=args.cache_dir, log_every=args.log_every,
                          num_workers=args.num_workers, report_to=args.report_to, channels_last=args.channels_last,
                          compile_unet=args.compile, progress=not args.no_progress,
-                         allow_batch_change=args.allow_batch_change)
+                         allow_batch_change=args.allow_batch_change,
+                         process_group_timeout_min=args.process_group_timeout)
         result = train(cfg, flags)
     except (DreamIDError, ConfigError, FileNotFoundError, FileExistsError) as exc:
         logger.error("%s", exc)
