@@ -1,0 +1,166 @@
+"""``python -m training.learn_identity``: learn one identity from a few photos on a local SD model.
+
+    python -m training.learn_identity --base-model models/sd21-base --photos me/ --out me.safetensors
+    # E4T-style: start from the encoder's S*, then tune a few steps
+    python -m training.learn_identity ... --encoder dreamid_sd21.safetensors --steps 50
+    # the seed paper's textual-inversion baseline: word init, no attention loss
+    python -m training.learn_identity ... --init-word person --attn-weight 0
+    # per-stage key/value pairs (Beyond Inserting), 5 denoising-time stages
+    python -m training.learn_identity ... --layout per_stage --num-stages 5
+
+The file is written by :func:`dreamid_core.learned_identity.save_learned_identity`: a ``words``
+identity is a standard textual-inversion ``.safetensors`` (``embedding:NAME`` in ComfyUI), a
+``per_stage`` one holds ``[S, 2, k, D]`` per text encoder; both carry their config as metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamid_core import DreamIDError, FacePipeline, detector_names, make_detector
+from dreamid_core.learned_identity import LAYOUTS, IdentityConfig, save_learned_identity
+from dreamid_core.stages import STAGE_KINDS
+
+from .data import detect_faces, encode_photos, photo_paths
+from .init import as_layout, from_encoder, from_file, from_word
+from .loop import IdentityLearner, LearnResult, RunOptions
+
+logger = logging.getLogger("training.learn_identity")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.learn_identity", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
+    p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    p.add_argument("--photos", nargs="+", required=True, help="photos (or folders of photos) of ONE person")
+    p.add_argument("--out", type=Path, required=True, help="the identity .safetensors to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--layout", choices=LAYOUTS, default="words")
+    p.add_argument("--num-tokens", type=int, help="k identity tokens (default: the encoder's k, else 2)")
+    p.add_argument("--num-stages", type=int, default=5, help="per_stage: stages (key/value pairs)")
+    p.add_argument("--stage-kind", choices=STAGE_KINDS, default="time", help="per_stage: denoising-time or UNet-block")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--encoder", type=Path, help="start from this DreamIdentity encoder's S* (E4T-style)")
+    init.add_argument("--init-file", type=Path, help="start from an identity or textual-inversion file")
+    init.add_argument("--init-word", default="person", help="start from this word's embedding")
+    p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
+    p.add_argument("--class-word", default="person", help="the reference prompt's word for the attention loss")
+    p.add_argument("--trigger", default="S*")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--attn-weight", type=float, default=0.003, help="face-wise attention loss (0 = plain TI)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="flip and scale/crop jitter")
+    p.add_argument("--scale-jitter", type=float, default=0.1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="frozen model dtype: auto (bf16 on a GPU), float32, float16, bfloat16")
+    p.add_argument("--detector", default="mtcnn", choices=detector_names())
+    p.add_argument("--insightface-root", type=Path)
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--loss-csv", type=Path, help="write step, loss, mse, attention per step here")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    from ..generation import resolve_dtype
+
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return resolve_dtype(name, device)
+
+
+def load_base(args: argparse.Namespace, device: torch.device) -> Any:
+    from ..models import load_base_model
+
+    dtype = _dtype(args.dtype, device)
+    base = load_base_model(args.base_model, family=args.family, config=args.base_config)
+    for module in [base.unet, *base.text_encoders]:
+        module.to(device=device, dtype=dtype)
+    base.vae.to(device=device, dtype=torch.float32)  # runs once per photo; SD's VAE is unstable in fp16
+    return base
+
+
+def run(args: argparse.Namespace) -> LearnResult:
+    from ..generation import resolve_device
+
+    device = resolve_device(args.device)
+    out = args.out if args.out.suffix == ".safetensors" else args.out.with_name(args.out.name + ".safetensors")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    cfg_probe = IdentityConfig(layout=args.layout, num_tokens=args.num_tokens or 2, num_stages=args.num_stages,
+                               stage_kind=args.stage_kind, steps=args.steps, lr=args.lr, attn_weight=args.attn_weight)
+    from .loop import check_config
+
+    check_config(cfg_probe, RunOptions(batch_size=args.batch_size))  # fail before loading anything
+    pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
+                                          provider=args.provider, device=str(device)))
+    photos, faces = detect_faces(photo_paths(args.photos), pipeline)
+    base = load_base(args, device)
+    widths = base.widths
+    if args.encoder is not None:
+        start, source_layout, init = from_encoder(args.encoder, photos, pipeline, widths, backbone=args.backbone,
+                                                  device=device), "words", "encoder"
+    elif args.init_file is not None:
+        source_layout, start = from_file(args.init_file, widths)
+        init = f"file:{args.init_file.name}"
+    else:
+        start, source_layout, init = from_word(base, args.init_word, args.num_tokens or 2), "words", \
+            f"word:{args.init_word}"
+    k = next(iter(start.values())).shape[-2]
+    if args.num_tokens is not None and args.num_tokens != k:
+        raise ValueError(f"--num-tokens {args.num_tokens} but the init ({init}) holds {k} token(s); drop --num-tokens "
+                         "or match it")
+    cfg = IdentityConfig(layout=args.layout, num_tokens=k, num_stages=args.num_stages, stage_kind=args.stage_kind,
+                         target=base.family, init=init, class_word=args.class_word, steps=args.steps, lr=args.lr,
+                         attn_weight=args.attn_weight, seed=args.seed, resolution=args.resolution,
+                         base_model=Path(args.base_model).name,
+                         extra={"photos": len(photos), "batch_size": args.batch_size, "augment": args.augment})
+    latents = encode_photos(photos, faces, base.vae, resolution=args.resolution, device=device)
+    base.vae.to("cpu")  # not needed again: free the device memory
+    opts = RunOptions(batch_size=args.batch_size, trigger=args.trigger, augment=args.augment,
+                      scale_jitter=args.scale_jitter, gradient_checkpointing=args.gradient_checkpointing,
+                      log_every=args.log_every)
+    learner = IdentityLearner(base, latents, cfg, as_layout(args.layout, start, source_layout, k=k,
+                                                             num_stages=args.num_stages), opts, device=device)
+    result = learner.run()
+    ident = result.identity
+    ident.config.extra.update(final_mse=result.history[-1].mse, seconds=round(result.seconds, 2))
+    save_learned_identity(out, ident, overwrite=args.overwrite)
+    if args.loss_csv is not None:
+        args.loss_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.loss_csv, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["step", "loss", "mse", "attention"])
+            for i, s in enumerate(result.history):
+                w.writerow([i, f"{s.loss:.6f}", f"{s.mse:.6f}", f"{s.attn:.6f}"])
+    logger.info("learned a %s identity (k=%d, %s init) in %d steps, %.1f s -> %s", cfg.layout, k, init, cfg.steps,
+                result.seconds, out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        run(args)
+    except (DreamIDError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        logger.error("%s", exc, exc_info=args.verbose)
+        return 1
+    return 0
