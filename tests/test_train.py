@@ -610,3 +610,17 @@ def test_process_group_timeout_is_explicit():
     assert process_group_kwargs(flags(Path("x"), process_group_timeout_min=args.process_group_timeout)).timeout \
         == timedelta(minutes=240)
     assert process_group_kwargs(flags(Path("x"))).timeout == timedelta(hours=3)
+
+
+# -- a trained backbone is never dropped from checkpoints (issue 8 item 4) --------------------------------
+
+def test_trained_backbone_must_be_checkpointed(cfg, tmp_path):
+    with pytest.raises(ConfigError, match="backbone_lr = 1e-06 .* checkpoint_backbone is false"):
+        cfg.replace(backbone_lr=1e-6, checkpoint_backbone=False)
+    cfg.replace(backbone_lr=None, checkpoint_backbone=False)  # a frozen backbone need not be stored
+    run = tmp_path / "run"
+    train(cfg.replace(backbone_lr=1e-2, max_steps=1, checkpoint_every=1), flags(run))
+    original = torch.load(cfg.backbone_path, weights_only=True)
+    saved = {k.removeprefix("backbone."): v for k, v in encoder_tensors(run, 1).items() if k.startswith("backbone.")}
+    changed = [k for k in saved if k in original and not torch.equal(saved[k], original[k])]
+    assert changed, "the checkpoint holds the original backbone, not the trained one"

@@ -106,6 +106,11 @@ class ExperimentConfig:
             raise bad("lr", "must be > 0 (5e-5 in the paper)")
         if self.backbone_lr is not None and not self.backbone_lr > 0:
             raise bad("backbone_lr", "must be > 0, or null to keep the backbone frozen")
+        if self.backbone_lr is not None and not self.checkpoint_backbone:
+            raise ConfigError(f"ExperimentConfig.backbone_lr = {self.backbone_lr} trains the face backbone, but "
+                              "checkpoint_backbone is false: checkpoints (and so --resume and the export) would "
+                              "carry the ORIGINAL backbone and lose the fine-tuned one. Set checkpoint_backbone: true, "
+                              "or backbone_lr: null to keep the backbone frozen.")
         if self.reg_weight < 0 or self.weight_decay < 0 or self.noise_offset < 0:
             raise ConfigError(f"reg_weight ({self.reg_weight}), weight_decay ({self.weight_decay}) and noise_offset "
                               f"({self.noise_offset}) must be >= 0")
