@@ -14,9 +14,12 @@ and never unpickles: safetensors only, and ``torch.load(weights_only=True)`` for
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +42,39 @@ META_CONTENTS = "dreamid_contents"
 
 _PICKLE_MAGIC = {b"PK\x03\x04": "a torch.save zip archive (pickle)", b"\x80\x02": "a Python pickle",
                  b"\x80\x03": "a Python pickle", b"\x80\x04": "a Python pickle", b"\x80\x05": "a Python pickle"}
+#: first opcodes of a protocol 0/1 pickle (no PROTO header): MARK, GLOBAL, EMPTY_DICT/LIST/TUPLE, LONG, INT
+_OLD_PICKLE_FIRST = frozenset(b"(c}])LI")
+_SNIFF_BYTES = 4096
+
+
+def _safetensors_shaped(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian) and then ``{``."""
+    return len(head) >= 9 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
+def _parses_as_pickle(head: bytes) -> bool:
+    """True when the bytes read as pickle opcodes (parsed with pickletools, never executed)."""
+    ops = []
+    try:
+        for op, _, _ in pickletools.genops(io.BytesIO(head)):
+            ops.append(op.name)
+            if len(ops) == 3:
+                break
+    except Exception:  # unknown opcode, or the head ends inside one: not the start of a pickle
+        return False
+    return len(ops) == 3 or (bool(ops) and ops[-1] == "STOP")
 
 
 def _sniff_pickle(path: Path) -> str | None:
+    """What pickle format ``path`` is in, or None. Reads the first few KB only."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
+        head = fh.read(_SNIFF_BYTES)
     for magic, what in _PICKLE_MAGIC.items():
         if head.startswith(magic):
             return what
+    if head[:1] and head[0] in _OLD_PICKLE_FIRST and not _safetensors_shaped(head, path.stat().st_size) \
+            and _parses_as_pickle(head):
+        return "a Python pickle (protocol 0/1, e.g. a legacy torch.save file)"
     return None
 
 
@@ -165,8 +193,9 @@ def load_encoder(path: str | os.PathLike[str], *, backbone_path: str | os.PathLi
         tensors.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
     elif not has_backbone:
         raise WeightFormatError(
-            f"{path.name} holds only the projection MLPs (no face backbone). Give the arcface_torch "
-            f"backbone it was trained with ({_describe_backbone(config.backbone)}) as backbone_path.")
+            f"{path.name} holds only the projection MLPs (no face backbone). Choose the arcface_torch backbone "
+            f"it was trained with ({_describe_backbone(config.backbone)}): put its .pt in models/dreamidentity and "
+            "pick it as backbone_name on DreamID_LoadIDEncoder (command line: --backbone FILE).")
     encoder.load_state_dict(tensors, strict=True)
     encoder.provenance = provenance  # type: ignore[attr-defined]
     encoder.source_path = str(path)  # type: ignore[attr-defined]
@@ -204,6 +233,58 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightFormatError(f"{path.name} does not hold a state dict of tensors (got {type(obj).__name__}).")
     return dict(obj)
+
+
+_BACKBONE_KEY = "patch_embed.proj.weight"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _names_in_safetensors_header(path: Path) -> tuple[set[str], dict[str, str]] | None:
+    """Tensor names and metadata from a safetensors header (reads only the header), or None."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= min(_MAX_HEADER, path.stat().st_size - 8):
+                return None
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.pop("__metadata__", None) or {}
+    return set(header), meta if isinstance(meta, dict) else {}
+
+
+def _names_in_torch_zip(path: Path) -> bytes | None:
+    """The pickled index (``data.pkl``, keys only; tensor data are separate entries) of a torch zip file."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pkl or zf.getinfo(pkl[0]).file_size > _MAX_HEADER:
+                return None
+            return zf.read(pkl[0])
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def is_backbone_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like an arcface_torch ViT state dict, from its header alone (nothing is
+    unpickled or loaded): a safetensors file with ``patch_embed.proj.weight`` (any ``module.`` /
+    ``backbone.`` prefix) and no DreamIdentity config; a torch zip ``.pt`` whose key index names it.
+    Legacy (non-zip) ``.pt`` files cannot be read without unpickling and count as candidates."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        found = _names_in_safetensors_header(path)
+        if found is None:
+            return False
+        names, meta = found
+        return META_CONFIG not in meta and any(n == _BACKBONE_KEY or n.endswith("." + _BACKBONE_KEY) for n in names)
+    if path.suffix in (".pt", ".pth"):
+        if not zipfile.is_zipfile(path):
+            return _sniff_pickle(path) is not None
+        index = _names_in_torch_zip(path)
+        return index is not None and _BACKBONE_KEY.encode() in index
+    return False
 
 
 def backbone_config_from_state_dict(sd: dict[str, torch.Tensor], image_size: int = 112,

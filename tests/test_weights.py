@@ -13,6 +13,7 @@ from dreamid_core import (
     EncoderConfig,
     IDEncoder,
     WeightFormatError,
+    load_arcface_backbone,
     load_encoder,
     read_encoder_config,
     save_encoder,
@@ -47,7 +48,7 @@ def test_save_load_is_bit_exact_and_rebuilds_from_metadata(encoder, tmp_path):
 def test_projection_only_file_needs_the_backbone(encoder, tmp_path):
     path = save_encoder(encoder, tmp_path / "proj.safetensors", include_backbone=False)
     assert not any(k.startswith("backbone.") for k in load_file(str(path)))
-    with pytest.raises(WeightFormatError, match="only the projection.*backbone_path"):
+    with pytest.raises(WeightFormatError, match="only the projection.*backbone_name on DreamID_LoadIDEncoder.*--backbone"):
         load_encoder(path)
     bb_path = tmp_path / "model.pt"
     torch.save(encoder.backbone.state_dict(), bb_path)
@@ -80,6 +81,47 @@ def test_pickle_renamed_safetensors_is_refused_without_unpickling(encoder, tmp_p
     plain.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(WeightFormatError, match="Python pickle"):
         read_encoder_config(plain)
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_old_protocol_pickle_renamed_safetensors_is_named_a_pickle(encoder, tmp_path, protocol):
+    import pickle
+
+    plain = tmp_path / f"p{protocol}.safetensors"
+    plain.write_bytes(pickle.dumps({"weight": [1.0, 2.0], "name": "x"}, protocol=protocol))
+    legacy = tmp_path / f"legacy{protocol}.safetensors"  # torch.save's pre-zip format
+    torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    for path in (plain, legacy):
+        with pytest.raises(WeightFormatError, match=r"is a Python pickle \(protocol 0/1.*never unpickles") as info:
+            read_encoder_config(path)
+        assert "truncated" not in str(info.value) and "download" not in str(info.value)
+        with pytest.raises(WeightFormatError, match="pickle"):
+            load_arcface_backbone(path)
+
+
+def test_backbone_checkpoints_are_told_apart_by_their_headers(encoder, tmp_path):
+    from dreamid_core.weights import is_backbone_checkpoint
+
+    sd = encoder.backbone.state_dict()
+    files = {"model.pt": lambda p: torch.save(sd, p),
+             "ddp.pt": lambda p: torch.save({f"module.{k}": v for k, v in sd.items()}, p),
+             "model.safetensors": lambda p: save_file(sd, str(p)),
+             "prefixed.safetensors": lambda p: save_file({f"backbone.{k}": v for k, v in sd.items()}, str(p)),
+             "legacy.pth": lambda p: torch.save(sd, p, _use_new_zipfile_serialization=False),
+             "encoder.safetensors": lambda p: save_encoder(encoder, p),
+             "projection.safetensors": lambda p: save_encoder(encoder, p, include_backbone=False),
+             "embedding.safetensors": lambda p: save_file({"emb_params": torch.zeros(2, 8)}, str(p)),
+             "embedding.pt": lambda p: torch.save({"string_to_param": {"*": torch.zeros(2, 8)}}, p),
+             "patch_embed_like.safetensors": lambda p: save_file({"xpatch_embed.proj.weight": torch.zeros(1)}, str(p)),
+             "garbage.safetensors": lambda p: p.write_bytes(b"\xff" * 64),
+             "empty.pt": lambda p: p.write_bytes(b"")}
+    for name, write in files.items():
+        write(tmp_path / name)
+    found = {name for name in files if is_backbone_checkpoint(tmp_path / name)}
+    # a legacy (pre-zip) .pth cannot be read without unpickling, so it stays a candidate
+    assert found == {"model.pt", "ddp.pt", "model.safetensors", "prefixed.safetensors", "legacy.pth"}
+    for name in ("model.pt", "ddp.pt", "model.safetensors", "prefixed.safetensors", "legacy.pth"):
+        assert load_arcface_backbone(tmp_path / name, BB).config == BB
 
 
 def _rewrite_metadata(path, **changes):
