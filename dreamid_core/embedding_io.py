@@ -20,21 +20,38 @@ from .fileio import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL",
+                    *(f"{port}{n}" for port in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3")}
+
+
+def _keep(char: str) -> bool:
+    """Letters, digits and combining marks of any script, and ``._-``."""
+    return char in "._-" or unicodedata.category(char)[0] in "LNM"
+
+
+#: Longest name in UTF-8 bytes: with ".safetensors" and the temp-file affixes it stays under 255 bytes.
+MAX_NAME_BYTES = 200
 
 
 def sanitize_name(name: str) -> str:
-    """A file name that is safe everywhere: ASCII letters, digits, ``._-``; no path parts.
-
-    Raises ``ValueError`` if nothing usable is left (e.g. ``"../"``).
+    """A file name that is safe on every OS: Unicode letters and digits (NFC-normalised), ``._-``;
+    anything else becomes ``_``. Raises ``ValueError`` for a path (``/``, ``\\``, ``..``), a Windows
+    device name (``CON``, ``nul.txt``, ``COM1`` …), or a name with nothing usable in it.
     """
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    base = ascii_name.replace("\\", "/").split("/")[-1]
-    base = base.removesuffix(".safetensors")
-    base = _SAFE_NAME.sub("_", base).strip("._-")
+    text = unicodedata.normalize("NFC", name).strip()
+    text = text[: -len(".safetensors")] if text.lower().endswith(".safetensors") else text
+    if "/" in text or "\\" in text or text in (".", ".."):
+        raise ValueError(f"embedding name {name!r} is a path; give a plain file name such as 'my_identity' "
+                         "(it is saved in models/embeddings).")
+    base = re.sub("\0+", "_", "".join(c if _keep(c) else "\0" for c in text)).strip("._-")
     if not base:
         raise ValueError(f"embedding name {name!r} has no usable characters; use letters, digits, '-' or '_'")
-    return base[:100]
+    if base.split(".")[0].upper() in _WINDOWS_DEVICES:
+        raise ValueError(f"embedding name {name!r} is a Windows device name ({base.split('.')[0].upper()}); "
+                         "Windows cannot open such a file. Choose another name, e.g. 'my_identity'.")
+    while len(base.encode("utf-8")) > MAX_NAME_BYTES:
+        base = base[:-1]
+    return base.rstrip("._-")
 
 
 def embedding_tensors(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
