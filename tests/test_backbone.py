@@ -41,12 +41,17 @@ def arcface_state_dict(width: int, depth: int, patch: int = 9, image: int = 112,
 
 
 def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depth: int, heads: int = 8):
-    """arcface_torch's forward written out with explicit attention, for comparison."""
+    """arcface_torch's forward written out with explicit attention, for comparison. Returns the
+    per-layer token means, the per-layer CLS tokens (None without one) and the identity."""
+    cls = "cls_token" in sd
     x = (x - 0.5) / 0.5
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1])
-    t = t.flatten(2).transpose(1, 2) + sd["pos_embed"]
+    t = t.flatten(2).transpose(1, 2)
+    if cls:
+        t = torch.cat([sd["cls_token"].expand(t.shape[0], -1, -1), t], dim=1)
+    t = t + sd["pos_embed"]
     b, n, d = t.shape
-    means = []
+    means, cls_tokens = [], []
     for i in range(depth):
         p = f"blocks.{i}."
         h = F.layer_norm(t, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
@@ -58,14 +63,16 @@ def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depth: int, 
         h = F.relu6(h @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]) @ sd[p + "mlp.fc2.weight"].T
         t = t + h + sd[p + "mlp.fc2.bias"]
         means.append(t.mean(1))
-    t = F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"]).reshape(b, -1)
+        cls_tokens.append(t[:, 0])
+    t = F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"])
+    t = t[:, 0] if cls else t.reshape(b, -1)
 
     def bn(v, i):
         return F.batch_norm(v, sd[f"feature.{i}.running_mean"], sd[f"feature.{i}.running_var"],
                             sd[f"feature.{i}.weight"], sd[f"feature.{i}.bias"], False, 0.0, 2e-5)
 
     ident = bn(bn(t @ sd["feature.0.weight"].T, 1) @ sd["feature.2.weight"].T, 3)
-    return means, ident
+    return means, cls_tokens if cls else None, ident
 
 
 def test_published_vit_shapes_match_arcface_names():
@@ -86,7 +93,7 @@ def test_loads_arcface_checkpoint_and_matches_reference_forward(tmp_path):
     x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(x)
-        means, ident = reference_forward(sd, x, depth=12)
+        means, _, ident = reference_forward(sd, x, depth=12)
     assert out.taps.shape == (2, 4, 64) and out.identity.shape == (2, 32)
     for i, layer in enumerate((3, 6, 9, 12)):
         torch.testing.assert_close(out.taps[:, i], means[layer - 1], rtol=1e-4, atol=1e-5)
@@ -113,8 +120,16 @@ def test_cls_variant_summary_is_the_cls_token(tmp_path):
     save_file(sd, str(path))
     model = load_arcface_backbone(path)
     assert model.config.cls_token and model.config.patch_size == 8 and model.config.num_patches == 196
-    out = model(torch.rand(3, 3, 112, 112), taps=(1, 2, 3, 4))
+    x = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(x, taps=(1, 2, 3, 4))
+        means, cls_tokens, ident = reference_forward(sd, x, depth=4, heads=model.config.num_heads)
     assert out.taps.shape == (3, 4, 32) and out.identity.shape == (3, 16)
+    for i in range(4):
+        torch.testing.assert_close(out.taps[:, i], cls_tokens[i], rtol=1e-4, atol=1e-5)  # the CLS token itself
+        assert not torch.allclose(out.taps[:, i], means[i], atol=1e-3)  # ... not the mean of the tokens
+    torch.testing.assert_close(out.identity, ident, rtol=1e-4, atol=1e-4)  # the head reads the CLS token
+    assert not torch.allclose(out.taps[0], out.taps[1], atol=1e-3)  # and it depends on the face
 
 
 def test_wrong_input_size_names_the_shape():

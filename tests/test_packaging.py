@@ -4,9 +4,12 @@ keeps exactly one onnxruntime, ruff bans print."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,7 +79,44 @@ def test_install_plan_adds_detector_weights_without_dependencies():
         install.plan({}, False, True, override="tpu")
 
 
-def test_install_dry_run_runs(capsys):
+@pytest.fixture
+def install_needing_work(monkeypatch):
+    """install.py in a state with work to do (two onnxruntime flavours on a CUDA torch, no MTCNN
+    weights), with pip replaced by a recorder that answers with ``rc`` (settable)."""
     install = load_install()
-    assert install.main(["--dry-run"]) == 0
-    assert sys.executable  # nothing was installed: dry run only logs
+    calls = []
+    state = {"rc": 0}
+
+    def fake_run(cmd, check=False):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, state["rc"])
+
+    monkeypatch.setattr(install, "_runtime", lambda: SimpleNamespace(
+        onnxruntime_distributions=lambda: {"onnxruntime": "1.20", "onnxruntime-gpu": "1.20"}))
+    monkeypatch.setattr(install, "torch_cuda", lambda: True)
+    monkeypatch.setattr(install, "facenet_installed", lambda: False)
+    monkeypatch.setattr(install.subprocess, "run", fake_run)
+    monkeypatch.delenv("DREAMID_ORT", raising=False)
+    return install, calls, state
+
+
+PIP_STEPS = [["uninstall", "-y", "onnxruntime", "onnxruntime-gpu"], ["install", "onnxruntime-gpu"],
+             ["install", "--no-deps", "facenet-pytorch==2.6.0"]]
+
+
+def test_install_dry_run_only_says_what_it_would_run(install_needing_work, caplog):
+    install, calls, _ = install_needing_work
+    with caplog.at_level(logging.INFO, logger="dreamid.install"):
+        assert install.main(["--dry-run"]) == 0
+    assert calls == []  # nothing was run
+    for step in PIP_STEPS:
+        assert " ".join([sys.executable, "-m", "pip", *step]) in caplog.text
+
+
+def test_install_runs_the_plan_and_stops_at_a_failing_pip(install_needing_work):
+    install, calls, state = install_needing_work
+    assert install.main([]) == 0
+    assert calls == [[sys.executable, "-m", "pip", *step] for step in PIP_STEPS]
+    calls.clear()
+    state["rc"] = 3
+    assert install.main([]) == 3 and len(calls) == 1  # the first failure stops the rest

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from dreamid_core.runtime import clash_message, onnxruntime_distributions, select_providers
+from dreamid_core.runtime import clash_message, select_providers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_clash_message_names_both_and_the_fix():
@@ -14,9 +22,39 @@ def test_clash_message_names_both_and_the_fix():
     assert clash_message({"onnxruntime": "1.20.0"}) is None and clash_message({}) is None
 
 
-def test_installed_flavours_are_read_without_importing():
-    found = onnxruntime_distributions()
-    assert isinstance(found, dict) and all(k.startswith("onnxruntime") for k in found)
+def _fake_distribution(root: Path, name: str, version: str) -> None:
+    """An installed distribution's metadata, whose package raises if anything imports it."""
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    package = root / "onnxruntime"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text("raise RuntimeError('onnxruntime was imported')\n")
+
+
+CHILD = """
+import json, sys
+import dreamid_core
+from dreamid_core.runtime import check_onnxruntime, onnxruntime_distributions
+found = onnxruntime_distributions()
+warning = check_onnxruntime()
+print(json.dumps({"found": found, "warning": warning,
+                  "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("onnxruntime", "insightface"))}))
+"""
+
+
+def test_installed_flavours_are_read_without_importing(tmp_path):
+    # two flavours "installed" whose package raises on import: reading them must not import it
+    _fake_distribution(tmp_path, "onnxruntime", "9.8.7")
+    _fake_distribution(tmp_path, "onnxruntime-gpu", "9.8.6")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["found"]["onnxruntime"] == "9.8.7" and result["found"]["onnxruntime-gpu"] == "9.8.6"
+    assert "onnxruntime 9.8.7, onnxruntime-gpu 9.8.6" in result["warning"]
+    assert result["imported"] == []  # neither onnxruntime nor insightface came in with the package
 
 
 def test_provider_choice_with_cpu_fallback():
