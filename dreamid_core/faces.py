@@ -80,6 +80,26 @@ def _pad(image: np.ndarray, fraction: float) -> tuple[np.ndarray, int]:
     return np.pad(image, ((p, p), (p, p), (0, 0)), mode="constant", constant_values=127), p
 
 
+#: A photo is blank when this share of its pixels lie within BLANK_SPREAD levels (0..255) of one colour.
+BLANK_SHARE = 0.99
+BLANK_SPREAD = 2
+
+
+def _refuse_blank(image: np.ndarray, where: str) -> None:
+    """A (nearly) uniform image cannot hold a face: say so, instead of "no face found" after every retry."""
+    h, w = image.shape[:2]
+    step = max(1, int((h * w / 1e6) ** 0.5))  # about a million pixels are enough to judge
+    sample = image[::step, ::step].reshape(-1, image.shape[-1]).astype(np.int16)  # [P, 3]
+    colour = np.median(sample, axis=0).round().astype(np.int16)  # [3]
+    share = float((np.abs(sample - colour).max(axis=1) <= BLANK_SPREAD).mean())
+    if share >= BLANK_SHARE:
+        raise FaceNotFoundError(
+            f"No face found in {where} ({w}x{h} px): the image is blank ({share:.1%} of its pixels are RGB "
+            f"{tuple(int(v) for v in colour)}). Preview what reaches the node: a 16-bit or greyscale PNG, for "
+            "instance, can arrive all white from LoadImage; save the photo as an 8-bit RGB JPEG or PNG and load "
+            "it again.")
+
+
 class FacePipeline:
     """Detect, select and align faces.
 
@@ -114,6 +134,7 @@ class FacePipeline:
     def detect(self, image: np.ndarray, where: str = "image") -> tuple[list[Detection], str]:
         """All faces in an RGB uint8 photo (largest first) and which attempt found them."""
         h, w = image.shape[:2]
+        _refuse_blank(image, where)
         tried = []
         for label, scale, pad in self._attempts(h, w):
             work = _resize(image, scale)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import time
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +99,27 @@ def test_skip_photos_without_a_face(pipeline, group, caplog):
         pipeline.process([mask, group], on_missing="error")
 
 
-def test_8k_photo_in_bounded_time(pipeline, group):
+def test_8k_photo_is_found_at_the_same_place(pipeline, group):
+    # its cost is measured in bench/large_photos.py (no wall-clock limits in tests)
     big = np.asarray(torch.nn.functional.interpolate(
         torch.from_numpy(group).permute(2, 0, 1)[None].float(), size=(4320, 6243), mode="bilinear")[0]
         .permute(1, 2, 0).round().to(torch.uint8))
-    t0 = time.perf_counter()
     result = pipeline.process_one(big)
-    elapsed = time.perf_counter() - t0
     assert result.num_faces == 6
     small = pipeline.process_one(group)
     np.testing.assert_allclose(np.asarray(result.detection.box) / (6243 / 1280), small.detection.box, atol=6)
-    assert elapsed < 20, f"8k photo took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0), (90, 140, 200)])
+def test_blank_image_is_called_blank(pipeline, group, colour):
+    blank = np.empty((300, 400, 3), np.uint8)
+    blank[:] = colour
+    rng = np.random.default_rng(0)
+    speckled = blank.copy()
+    speckled[rng.integers(0, 300, 200), rng.integers(0, 400, 200)] = 128  # a few stray pixels: still blank
+    for image in (blank, speckled):
+        with pytest.raises(FaceNotFoundError, match=r"image 1 \(400x300 px\): the image is blank .*RGB "
+                                                    + re.escape(str(colour))):
+            pipeline.process_one(image, image_index=1)
+    report = pipeline.process([blank, group[150:500, 350:700]], on_missing="skip")  # skipped like a faceless photo
+    assert report.skipped[0][0] == 0 and "blank" in report.skipped[0][1] and len(report.faces) == 1
