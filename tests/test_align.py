@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -64,14 +62,16 @@ def test_warp_puts_landmarks_on_the_template(scale, angle):
     np.testing.assert_allclose(centroids(crop), ARCFACE_TEMPLATE_112, atol=0.6)
 
 
-def test_huge_photo_costs_about_as_much_as_a_small_one():
+def test_huge_photo_face_lands_on_the_template():
     # an 8k photo with a face 2000 px wide: only the face region is read, then shrunk with antialiasing
+    # (its cost is measured in bench/large_photos.py; no wall-clock limits in tests)
     pts = 18 * ARCFACE_TEMPLATE_112 + np.array([3000.0, 1000.0])
     img = torch.zeros(3, 4320, 7680)
-    t0 = time.perf_counter()
-    crop, _ = align_face(img, pts)
+    img[:, 900:3100, 2900:5100] = dots_image(2200, 2200, pts - [2900.0, 900.0], radius=3.0 * 18)
+    crop, m = align_face(img, pts)
     assert crop.shape == (3, 112, 112)
-    assert time.perf_counter() - t0 < 2.0
+    np.testing.assert_allclose(apply_transform(m, pts), ARCFACE_TEMPLATE_112, atol=1e-6)
+    np.testing.assert_allclose(centroids(crop), ARCFACE_TEMPLATE_112, atol=0.6)
 
 
 def test_template_scales():
