@@ -22,17 +22,19 @@ from .errors import (
     WeightFormatError,
 )
 from .faces import FacePipeline, FaceResult, PipelineReport
-from .tokens import find_occurrences, splice_chunks, splice_ids, trigger_ids_from_chunks
+from .tokens import ChunkLayout, PromptTokens, chunk_groups, prompt_groups, tokenize_prompt
+from .trigger import TriggerMatch, check_trigger, find_triggers, split_on_triggers
 from .weights import load_arcface_backbone, load_encoder, read_encoder_config, save_encoder
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKBONE_PRESETS", "COMBINE_MODES", "FORMAT_VERSION", "TEXT_ENCODER_PRESETS", "BackboneConfig", "Detection",
+    "BACKBONE_PRESETS", "COMBINE_MODES", "ChunkLayout", "PromptTokens", "TriggerMatch", "check_trigger",
+    "chunk_groups", "find_triggers", "prompt_groups", "split_on_triggers", "tokenize_prompt",
+    "FORMAT_VERSION", "TEXT_ENCODER_PRESETS", "BackboneConfig", "Detection",
     "DreamIDError", "EncoderConfig", "FaceDetector", "FaceNotFoundError", "FacePipeline", "FaceResult",
     "FaceSelectionError", "FaceViT", "FaceViTOutput", "IDEncoder", "ImageInputError", "IncompatibleEncoderError",
     "MissingDependencyError", "ModelFilesError", "PipelineReport", "TriggerNotFoundError", "WeightFormatError",
-    "detector_names", "find_occurrences", "load_arcface_backbone", "load_encoder", "make_detector",
-    "read_encoder_config", "sanitize_name", "save_encoder", "splice_chunks", "splice_ids",
-    "trigger_ids_from_chunks", "write_embedding",
+    "detector_names", "load_arcface_backbone", "load_encoder", "make_detector",
+    "read_encoder_config", "sanitize_name", "save_encoder", "write_embedding",
 ]

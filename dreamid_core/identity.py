@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ class IdentityEmbeds:
 
     @property
     def num_tokens(self) -> int:
+        """k, the vectors per occurrence of the trigger; 0 when the identity is switched off (strength 0)."""
         return next(iter(self.parts.values())).shape[0]
 
     @property
@@ -51,6 +53,11 @@ class IdentityEmbeds:
         return vec
 
 
+def _file_name(path: str | None) -> str | None:
+    """Only the encoder's file name: the metadata of a shared embedding must not reveal server paths."""
+    return PurePath(str(path).replace("\\", "/")).name if path else None
+
+
 def encode_identity(encoder: IDEncoder, pipeline: FacePipeline, images: Any, *, scale: float = 1.0,
                     combine: str = "average", face_index: int = 0, order: str = "largest",
                     on_missing: str = "error", device: torch.device | str | None = None,
@@ -64,6 +71,8 @@ def encode_identity(encoder: IDEncoder, pipeline: FacePipeline, images: Any, *, 
     with torch.inference_mode():
         s = encoder.encode(crops, scale=scale, combine=combine)  # [k, out_dim]
     parts = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.split(s).items()}
+    if scale == 0:  # strength 0 switches the identity off: no vectors, the trigger is dropped from the prompt
+        parts = {k: v[:0] for k, v in parts.items()}
     info = {"target": encoder.config.target, "num_images": len(report.faces), "skipped": len(report.skipped),
-            "scale": scale, "combine": combine, "source": getattr(encoder, "source_path", None)}
+            "scale": scale, "combine": combine, "source": _file_name(getattr(encoder, "source_path", None))}
     return IdentityEmbeds(parts=parts, info=info), report

@@ -1,125 +1,98 @@
-"""Token splicing on ComfyUI's chunk layout (start, <=75 content, end, pad...) without ComfyUI."""
+"""dreamid_core.tokens without ComfyUI: word groups from weighted text, and ComfyUI's chunk layout.
+
+The equality with ComfyUI's own ``embedding:NAME`` path is tested against a real ComfyUI in
+test_inject_contract.py; these tests pin the layout rules themselves on a toy word tokenizer."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
-from dreamid_core import (
-    TriggerNotFoundError,
-    find_occurrences,
-    splice_chunks,
-    splice_ids,
-    trigger_ids_from_chunks,
-)
+from dreamid_core import ChunkLayout, TriggerNotFoundError, chunk_groups, prompt_groups, tokenize_prompt
 
 START, END, PAD = 49406, 49407, 0
-TRIGGER = [338, 265]  # "S*" in the CLIP BPE
-LEN = 77
+LAYOUT = ChunkLayout(start_token=START, end_token=END, pad_token=PAD)
+VOCAB: dict[str, int] = {}
 
 
-def chunk(content, pad=PAD):
-    """One ComfyUI chunk: (token, weight, word_id) items."""
-    items = [(START, 1.0, 0)] + list(content) + [(END, 1.0, 0)]
-    return items + [(pad, 1.0, 0)] * (LEN - len(items))
+def toy_piece(piece: str) -> list[list[int]]:
+    """One group per piece, like ComfyUI's tokenizer on a piece without embeddings: words and
+    punctuation runs become ids (stable per session)."""
+    ids = [VOCAB.setdefault(w.lower(), 1000 + len(VOCAB)) for w in re.findall(r"\w+|[^\w\s]+", piece)]
+    return [ids] if ids else []
 
 
-def words(ids, weight=1.0, word=1):
-    return [(i, weight, word) for i in ids]
+def contents(chunk):
+    return [t for t, *_ in chunk if not (isinstance(t, int) and t in (START, END, PAD))]
 
 
-def embed_chunks(chunks, table):
-    """What the text encoder sees: ids looked up in ``table``, vectors used as they are."""
-    rows = [[table[t] if isinstance(t, int) else t for t, *_ in c] for c in chunks]
-    return torch.stack([torch.stack(r) for r in rows])
+def test_trigger_becomes_its_own_group_with_the_segment_weight():
+    vec = torch.randn(2, 4)
+    groups, slots, counts = prompt_groups([("a photo of ", 1.0), ("S*,", 1.3), (" smiling", 1.0)],
+                                          {"S*": list(vec)}, toy_piece)
+    assert counts == {"S*": 1} and slots == [(1, "S*")]
+    assert [len(g) for g in groups] == [3, 2, 1, 1]  # "a photo of" | S* | "," | "smiling"
+    assert all(w == 1.3 for _, w in groups[1]) and groups[2] == [(VOCAB[","], 1.3)]
+    assert torch.equal(torch.stack([t for t, _ in groups[1]]), vec)
 
 
-@pytest.fixture
-def table():
-    return torch.randn(49408, 8, generator=torch.Generator().manual_seed(0))
+def test_vectors_are_used_as_given_so_gradients_flow():
+    vec = torch.randn(2, 4, requires_grad=True)
+    out = tokenize_prompt([("a photo of S*", 1.0)], {"S*": list(vec.unbind(0))}, toy_piece, LAYOUT)
+    rows = [t for t, _ in out.chunks[0] if isinstance(t, torch.Tensor)]
+    torch.stack(rows).sum().backward()
+    assert torch.equal(vec.grad, torch.ones(2, 4))
+    assert out.positions["S*"] == [4, 5]  # start, a, photo, of, S*[0], S*[1]
 
 
-def test_own_embeddings_reproduce_the_plain_prompt(table):
-    prompt = [chunk(words([320, 1125, 539]) + words(TRIGGER, 1.2, 2) + words([601, 320, 4895], 1.0, 3))]
-    spliced, n = splice_chunks(prompt, TRIGGER, table[TRIGGER], start_token=START, end_token=END, pad_token=PAD)
-    assert n == 1 and all(len(c) == LEN for c in spliced)
-    assert torch.equal(embed_chunks(spliced, table), embed_chunks(prompt, table))
-    assert [it[1] for it in spliced[0]] == [it[1] for it in prompt[0]]  # weights kept, (S*:1.2) included
+def test_small_group_that_does_not_fit_moves_whole_to_the_next_chunk():
+    groups = [[(i, 1.0) for i in range(100, 174)], [("v0", 1.0), ("v1", 1.0)], [(500, 1.0)]]  # 74 + 2 + 1
+    chunks, where = chunk_groups(groups, LAYOUT)
+    assert len(chunks) == 2 and all(len(c) == 77 for c in chunks)
+    assert chunks[0][75][0] == END and chunks[0][76][0] == PAD  # closed after 74 words, padded
+    assert contents(chunks[1]) == ["v0", "v1", 500]
+    assert where[1] == [77 + 1, 77 + 2] and where[2] == [77 + 3]
 
 
-def test_weight_of_the_trigger_is_kept_for_every_vector(table):
-    prompt = [chunk(words([320]) + words(TRIGGER, 1.3, 2))]
-    vecs = torch.randn(3, 8)
-    spliced, _ = splice_chunks(prompt, TRIGGER, vecs, start_token=START, end_token=END, pad_token=PAD)
-    inserted = [it for it in spliced[0] if isinstance(it[0], torch.Tensor)]
-    assert len(inserted) == 3 and all(it[1] == 1.3 and it[2] == 2 for it in inserted)
-    assert torch.equal(torch.stack([it[0] for it in inserted]), vecs)
+def test_large_group_is_split_at_the_boundary():
+    groups = [[(i, 1.0) for i in range(100, 170)], [(f"v{j}", 1.0) for j in range(9)]]  # k = 9 >= 8: "large"
+    chunks, where = chunk_groups(groups, LAYOUT)
+    assert contents(chunks[0])[-5:] == ["v0", "v1", "v2", "v3", "v4"] and chunks[0][76][0] == END
+    assert contents(chunks[1]) == ["v5", "v6", "v7", "v8"]
+    assert where[1] == [71, 72, 73, 74, 75, 78, 79, 80, 81]
 
 
-def test_several_occurrences(table):
-    prompt = [chunk(words(TRIGGER) + words([537]) + words(TRIGGER) + words([1125]) + words(TRIGGER))]
-    vecs = torch.randn(2, 8)
-    spliced, n = splice_chunks(prompt, TRIGGER, vecs, start_token=START, end_token=END, pad_token=PAD)
-    assert n == 3
-    kinds = [isinstance(it[0], torch.Tensor) for it in spliced[0][1:9]]
-    assert kinds == [True, True, False, True, True, False, True, True]
+def test_word_ids_padding_options_and_no_start_token():
+    chunks, _ = chunk_groups([[(7, 1.0)], [(8, 1.0)]], LAYOUT)
+    assert [w for *_, w in chunks[0][:4]] == [0, 1, 2, 0]
+    left = ChunkLayout(start_token=None, end_token=END, pad_token=PAD, max_length=6, pad_left=True)
+    assert [t for t, *_ in chunk_groups([[(7, 1.0)]], left)[0][0]] == [PAD, PAD, PAD, PAD, 7, END]
+    short = ChunkLayout(start_token=START, end_token=END, pad_token=PAD, pad_to_max_length=False, min_length=5)
+    assert len(chunk_groups([[(7, 1.0)]], short)[0][0]) == 5
+    extra = ChunkLayout(start_token=START, end_token=END, pad_token=PAD, pad_to_max_length=False, min_padding=2)
+    assert [t for t, *_ in chunk_groups([[(7, 1.0)]], extra)[0][0]] == [START, 7, END, PAD, PAD]
 
 
-def test_long_prompt_over_77_tokens_and_trigger_straddling_the_chunk_boundary(table):
-    filler = list(range(1000, 1074))  # 74 tokens, then the trigger's first token ends chunk 0
-    c0 = chunk(words(filler + [TRIGGER[0]]))
-    c1 = chunk(words([TRIGGER[1]] + [400, 401]))
-    vecs = torch.randn(2, 8)
-    spliced, n = splice_chunks([c0, c1], TRIGGER, vecs, start_token=START, end_token=END, pad_token=PAD)
-    assert n == 1 and len(spliced) == 2 and all(len(c) == LEN for c in spliced)
-    # the occurrence moved whole into the later chunk, the S* group is not split
-    assert [t for t, *_ in spliced[0][1:75]] == filler and spliced[0][75][0] == END
-    assert torch.equal(spliced[1][1][0], vecs[0]) and torch.equal(spliced[1][2][0], vecs[1])
-    assert [t for t, *_ in spliced[1][3:6]] == [400, 401, END]
+def test_strength_zero_deletes_the_trigger_and_joins_the_text():
+    out = tokenize_prompt([("a photo of S* smiling", 1.0)], {"S*": []}, toy_piece, LAYOUT)
+    plain = tokenize_prompt([("a photo of  smiling", 1.0)], {}, toy_piece, LAYOUT)
+    assert out.chunks == plain.chunks and out.counts == {"S*": 1} and out.positions == {"S*": []}
 
 
-def test_growing_past_75_spills_into_a_new_chunk(table):
-    c0 = chunk(words(list(range(1000, 1073)) + TRIGGER))  # 75 content items, full chunk
-    vecs = torch.randn(4, 8)  # k = 4 > 2 trigger tokens
-    spliced, _ = splice_chunks([c0], TRIGGER, vecs, start_token=START, end_token=END, pad_token=PAD)
-    assert len(spliced) == 2 and all(len(c) == LEN for c in spliced)
-    assert sum(isinstance(t, torch.Tensor) for t, *_ in spliced[1]) == 4  # the group stays together
-    assert spliced[0][74][0] == END and spliced[1][0][0] == START
+def test_several_identities_and_occurrences():
+    a, b = torch.zeros(2, 3), torch.ones(1, 3)
+    out = tokenize_prompt([("S1* meets S2*, then (S1*'s) hat", 1.0)], {"S1*": list(a), "S2*": list(b)},
+                          toy_piece, LAYOUT)
+    assert out.counts == {"S1*": 2, "S2*": 1}
+    assert out.positions["S1*"] == [1, 2, 8, 9] and out.positions["S2*"] == [4]
+    with pytest.raises(TriggerNotFoundError, match="share a trigger"):
+        tokenize_prompt([("S* s*", 1.0)], {"S*": list(a), "s*": list(b)}, toy_piece, LAYOUT)
 
 
-def test_fewer_vectors_shrink_and_pad(table):
-    spliced, _ = splice_chunks([chunk(words([320]) + words(TRIGGER))], TRIGGER, torch.randn(1, 8),
-                               start_token=START, end_token=END, pad_token=PAD)
-    assert len(spliced[0]) == LEN and spliced[0][3][0] == END and spliced[0][4][0] == PAD
-
-
-def test_absent_trigger_raises_with_the_fix():
-    with pytest.raises(TriggerNotFoundError, match="a photo of a man.*does not contain the trigger.*S\\* as a chef"):
-        splice_chunks([chunk(words([320, 1125]))], TRIGGER, torch.randn(2, 8), start_token=START, end_token=END,
-                      pad_token=PAD, prompt="a photo of a man")
-
-
-def test_pad_equal_to_end_token_sd1_layout(table):
-    prompt = [chunk(words([320]) + words(TRIGGER), pad=END)]
-    spliced, _ = splice_chunks(prompt, TRIGGER, table[TRIGGER], start_token=START, end_token=END, pad_token=END)
-    assert torch.equal(embed_chunks(spliced, table), embed_chunks(prompt, table))
-
-
-def test_two_tuple_items_without_word_ids(table):
-    prompt = [[it[:2] for it in chunk(words([320]) + words(TRIGGER))]]
-    spliced, _ = splice_chunks(prompt, TRIGGER, table[TRIGGER], start_token=START, end_token=END, pad_token=PAD)
-    assert all(len(it) == 2 for it in spliced[0])
-
-
-def test_trigger_ids_from_its_own_tokenization():
-    assert trigger_ids_from_chunks([chunk(words(TRIGGER))], START, END) == TRIGGER
-    with pytest.raises(TriggerNotFoundError, match="gives no tokens"):
-        trigger_ids_from_chunks([chunk([])], START, END, trigger="  ")
-
-
-def test_flat_splicing_for_training():
-    ids = [320, 338, 265, 537, 338, 265]
-    assert find_occurrences(ids, TRIGGER) == [1, 4]
-    new, pos = splice_ids(ids, TRIGGER, 3, placeholder=-1)
-    assert new == [320, -1, -1, -1, 537, -1, -1, -1] and pos == [1, 2, 3, 5, 6, 7]
-    assert splice_ids([1, 2], TRIGGER, 2) == ([1, 2], [])
+def test_missing_trigger_names_the_prompt_and_the_fix():
+    with pytest.raises(TriggerNotFoundError, match=r"'a photo of a man' does not contain the trigger word 'S\*'.*S\*,"):
+        tokenize_prompt([("a photo of a man", 1.0)], {"S*": [torch.zeros(3)]}, toy_piece, LAYOUT)
+    out = tokenize_prompt([("a man", 1.0)], {"S*": [torch.zeros(3)]}, toy_piece, LAYOUT, require=False)
+    assert out.counts == {"S*": 0}

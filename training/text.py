@@ -4,8 +4,9 @@ transformers 5 removed ``inputs_embeds`` from ``CLIPTextModel``; a forward hook 
 ``get_input_embeddings()`` that returns the embedding output with the S* rows written in works
 in training and in diffusers pipelines, and carries gradients to the encoder's MLPs.
 
-Prompts are tokenized with the trigger spliced out by :func:`dreamid_core.splice_ids`, so k need
-not equal the trigger's token count; each occurrence of the trigger gets the k vectors.
+Prompts are tokenized by the same function as the ComfyUI node (:func:`dreamid_core.tokenize_prompt`):
+the trigger is found in the TEXT (``S*,`` and ``(S*)`` included), the text around it is tokenized piece by
+piece and each occurrence gets k slots, so k need not equal the trigger's token count.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dreamid_core import TriggerNotFoundError, splice_ids
+from dreamid_core import ChunkLayout, TriggerNotFoundError, check_trigger, tokenize_prompt
 
 #: diffusers component name -> the S* part key (ComfyUI's clip names)
 PART_FOR_ENCODER = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
@@ -28,33 +29,42 @@ class TokenizedPrompts:
     positions: list[list[int]]  # per prompt: positions of S* rows (occurrence-major, k per occurrence)
 
 
+def _piece_tokenizer(tokenizer):
+    def tokenize_piece(piece: str) -> list[list[int]]:
+        ids = tokenizer(piece, add_special_tokens=False).input_ids
+        return [list(ids)] if ids else []
+    return tokenize_piece
+
+
 def tokenize_with_trigger(tokenizer, prompts: Sequence[str], trigger: str, k: int | None,
                           *, require_trigger: bool = True) -> TokenizedPrompts:
     """Tokenize ``prompts`` to the tokenizer's max length with each trigger replaced by k slots.
 
-    ``k`` None: plain tokenization (the trigger stays as text, no positions)."""
+    ``k`` None: plain tokenization (the trigger stays as text, no positions). A prompt longer than one
+    chunk is cut at the end like the tokenizer cuts it; a trigger past the cut is an error."""
     max_len = tokenizer.model_max_length
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    trigger_ids = tokenizer(trigger, add_special_tokens=False).input_ids
-    if not trigger_ids:
-        raise TriggerNotFoundError(f"trigger {trigger!r} tokenizes to nothing; use a word such as 'S*' or 'sks'")
-    placeholder = trigger_ids[0]
+    trigger = check_trigger(trigger)
+    placeholder = tokenizer(trigger, add_special_tokens=False).input_ids[0]
+    # one unpadded chunk of unlimited length, then cut to max_len like the tokenizer's truncation
+    layout = ChunkLayout(start_token=bos, end_token=None, pad_token=pad, max_length=10**9, pad_to_max_length=False)
     rows, positions = [], []
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if k is None:
-            ids, pos = list(ids), []
+            ids, pos = [bos] + tokenizer(prompt, add_special_tokens=False).input_ids, []
         else:
-            ids, pos = splice_ids(ids, trigger_ids, k, placeholder=placeholder)
-        if require_trigger and not pos:
-            raise TriggerNotFoundError(f"prompt {prompt!r} does not contain the trigger {trigger!r}")
-        ids = [bos] + ids[: max_len - 2] + [eos]
-        pos = [p + 1 for p in pos if p + 1 < max_len - 1]
-        if require_trigger and k and len(pos) % k:
-            raise TriggerNotFoundError(f"prompt {prompt!r} is too long: the trigger falls past token {max_len - 2}")
+            out = tokenize_prompt([(prompt, 1.0)], {trigger: [placeholder] * k}, _piece_tokenizer(tokenizer), layout,
+                                  require=require_trigger, prompt=prompt)
+            ids, pos = [int(t) for t, _ in out.chunks[0]], out.positions[trigger]
+        ids = ids[: max_len - 1] + [eos]
+        kept = [p for p in pos if p < max_len - 1]
+        if k and len(kept) != len(pos):
+            raise TriggerNotFoundError(
+                f"prompt {prompt!r} is too long: an occurrence of {trigger!r} falls past token {max_len - 2}, where "
+                "the text encoder cuts the prompt; shorten it or move the trigger forward")
         rows.append(ids + [pad] * (max_len - len(ids)))
-        positions.append(pos)
+        positions.append(kept)
     return TokenizedPrompts(torch.tensor(rows, dtype=torch.long), positions)
 
 
