@@ -15,7 +15,7 @@ import torch
 from ..dreamid_core import COMBINE_MODES, EncoderConfig, FacePipeline, load_encoder, make_detector
 from ..dreamid_core.detectors import BUILTIN, detector_names
 from ..dreamid_core.errors import ModelFilesError
-from ..dreamid_core.faces import ON_MISSING, ORDERS
+from ..dreamid_core.faces import ON_MISSING, ORDERS, PipelineReport
 from ..dreamid_core.identity import encode_identity
 from ..dreamid_core.insightface_detector import resolve_pack_dir
 from ..dreamid_core.runtime import PROVIDER_CHOICES
@@ -27,6 +27,7 @@ from .paths import (
     encoder_files,
     encoder_path,
 )
+from .validation import require_finite
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -76,7 +77,8 @@ class DreamIDLoadIDEncoder:
             "optional": {
                 "backbone_name": (backbone_files(), {"default": BACKBONE_IN_FILE, "tooltip": (
                     "Only for encoder files exported without their face backbone: the arcface_torch checkpoint "
-                    "(.pt, read with weights_only) they were trained with.")}),
+                    "(.pt, read with weights_only) they were trained with. Only backbone checkpoints found in "
+                    "models/dreamidentity are listed.")}),
             },
         }
 
@@ -130,14 +132,18 @@ class DreamIDEncodeFace:
             }
         }
 
-    RETURN_TYPES = ("DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT")
-    RETURN_NAMES = ("id_embeds", "aligned_faces", "face_layout")
+    # new outputs go at the END: saved workflows link outputs by slot index
+    RETURN_TYPES = ("DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT", "STRING")
+    RETURN_NAMES = ("id_embeds", "aligned_faces", "face_layout", "report")
     OUTPUT_TOOLTIPS = ("S*: the identity as k word embeddings.", "The aligned 112x112 face crops that were encoded.",
-                       "Where the first face sits in its photo (for DreamID_ScenePosition).")
+                       "Where the first face sits in its photo (for DreamID_ScenePosition).",
+                       "Which photos were used and which were skipped (on_missing = skip), and why; also shown "
+                       "on the node.")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
     def encode(self, encoder: EncoderBundle, image, strength, combine, face_index, face_order, on_missing):
+        require_finite("DreamID_EncodeFace", strength=strength)
         n = int(image.shape[0])
         bar = comfy.utils.ProgressBar(n)
 
@@ -154,4 +160,14 @@ class DreamIDEncodeFace:
         crops = torch.stack([f.crop for f in report.faces]).permute(0, 2, 3, 1).contiguous()  # [N, 112, 112, 3]
         layout = report.faces[0].layout()
         layout["image_index"] = report.faces[0].image_index
-        return (embeds, crops.to(mm.intermediate_device(), torch.float32), layout)
+        text = report_text(report, n)  # each skip was already logged by the pipeline
+        return {"ui": {"text": [text]},
+                "result": (embeds, crops.to(mm.intermediate_device(), torch.float32), layout, text)}
+
+
+def report_text(report: PipelineReport, num_photos: int) -> str:
+    """One line per photo: used (and which face), or skipped and why."""
+    used = ", ".join(str(f.image_index) for f in report.faces)
+    lines = [f"{len(report.faces)} of {num_photos} photo(s) encoded (image {used}); {len(report.skipped)} skipped."]
+    lines += [f"skipped image {i}: {reason}" for i, reason in report.skipped]
+    return "\n".join(lines)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import folder_paths
+
+from ..dreamid_core.weights import is_backbone_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +40,25 @@ def encoder_files() -> list[str]:
 
 
 def backbone_files() -> list[str]:
-    return [BACKBONE_IN_FILE] + [n for n in folder_paths.get_filename_list(ENCODER_FOLDER)
-                                 if n.endswith((".pt", ".pth", ".safetensors"))]
+    """Only arcface_torch backbone checkpoints, decided from each file's header (encoder and embedding
+    files are left out); see :func:`dreamid_core.weights.is_backbone_checkpoint`."""
+    names = []
+    for name in folder_paths.get_filename_list(ENCODER_FOLDER):
+        if name.endswith((".pt", ".pth", ".safetensors")):
+            path = folder_paths.get_full_path(ENCODER_FOLDER, name)
+            if path and _is_backbone(path, *_stamp(path)):
+                names.append(name)
+    return [BACKBONE_IN_FILE] + names
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_backbone(path: str, mtime_ns: int, size: int) -> bool:  # cached per (file, mtime, size)
+    return is_backbone_checkpoint(path)
 
 
 def folder_list(name: str) -> str:

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..dreamid_core.keypoints import STYLES, draw_hint, place_head, reference_landmarks
+from .validation import require_finite
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -61,6 +62,8 @@ class DreamIDScenePosition:
               end_percent, style, face_layout=None, vae=None):
         import nodes as comfy_nodes  # ComfyUI's own nodes module (this pack's folder is <pack>.nodes)
 
+        require_finite("DreamID_ScenePosition", x=x, y=y, head_size=head_size, strength=strength,
+                       start_percent=start_percent, end_percent=end_percent)
         if end_percent < start_percent:
             raise ValueError(f"end_percent {end_percent} is before start_percent {start_percent}; swap them.")
         placement = place_head(reference_landmarks(face_layout), (width, height), x, y, head_size)

@@ -47,7 +47,7 @@ def test_object_info_lists_the_nodes_with_descriptions_and_tooltips(comfy_server
             opts = spec[1] if len(spec) > 1 else {}
             assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert len(node["output_tooltips"]) == len(node["output"]), node_id
-    assert info["DreamID_EncodeFace"]["output"] == ["DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT"]
+    assert info["DreamID_EncodeFace"]["output"] == ["DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT", "STRING"]
     assert info["DreamID_InjectIDTokens"]["output"] == ["CONDITIONING"]
     assert info["DreamID_ScenePosition"]["output"] == ["CONDITIONING", "CONDITIONING", "IMAGE"]
     assert "mtcnn" in info["DreamID_LoadIDEncoder"]["input"]["required"]["face_detector"][0]
