@@ -211,8 +211,10 @@ def test_resume_refuses_a_different_experiment(cfg, reference, tmp_path):
     import shutil
 
     run = shutil.copytree(reference.output_dir, tmp_path / "run")
-    with pytest.raises(ConfigError, match="lr"):
-        train(cfg.replace(lr=1e-2, max_steps=25), flags(run, resume=True))
+    with pytest.raises(ConfigError, match="reg_weight: checkpoint 0.0001 vs now 0.01"):
+        train(cfg.replace(reg_weight=1e-2, max_steps=25), flags(run, resume=True))
+    with pytest.raises(ConfigError, match="freezes or unfreezes the backbone"):
+        train(cfg.replace(backbone_lr=1e-6, max_steps=25), flags(run, resume=True))
 
 
 # -- divergence ---------------------------------------------------------------------------------------
@@ -227,6 +229,57 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(cfg, tmp_path):
     assert str(run / f"checkpoint-{step - 1}") in message
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == step - 1 and all(math.isfinite(m["loss"]) for m in metrics)
+    # the message names the step's samples and the two resume commands (issue 8 item 6)
+    positions = [f"#{p} img" for p in range((step - 1) * cfg.batch_size, step * cfg.batch_size)]
+    assert all(p in message for p in positions), message
+    assert f"--resume --skip-step {step}" in message and "--config NEW.json" in message
+
+
+def test_resume_accepts_a_lower_lr_and_grad_clipping(cfg, reference, tmp_path):
+    """What the divergence message asks for: lr and max_grad_norm may change on resume, and take effect."""
+    import shutil
+
+    run = shutil.copytree(reference.output_dir, tmp_path / "run")
+    shutil.rmtree(run / "checkpoint-20")
+    resumed = train(cfg.replace(lr=cfg.lr / 10, max_grad_norm=0.5, max_steps=12), flags(run, resume=True))
+    assert resumed.step == 12 and resumed.losses[0] == reference.losses[10]  # same weights and data at step 11
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == [cfg.lr] * 10 + [cfg.lr / 10] * 2
+    assert all(m["grad_norm"] >= 0 for m in metrics)
+    state = torch.load(run / "checkpoint-12" / "training_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr / 10)
+    assert ExperimentConfig.load(run / "config.json").lr == cfg.lr / 10
+
+
+def test_skip_step_drops_the_batch_and_keeps_the_schedule(cfg, reference, tmp_path):
+    run = tmp_path / "run"
+    result = train(cfg.replace(checkpoint_every=1, max_steps=3), flags(run, skip_steps=(2,)))
+    assert result.step == 3 and len(result.losses) == 2
+    assert result.losses[0] == reference.losses[0]
+    assert_same_weights(encoder_tensors(run, 2), encoder_tensors(run, 1))  # nothing was updated at step 2
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[1] == {"step": 2, "skipped": True}
+    state = torch.load(run / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert state["sampler"]["position"] == 3 * cfg.batch_size  # step 3 trained on step 3's samples
+
+
+def test_latents_are_checked_for_finite_values_when_written_and_read(cfg, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from training.latents import NonFiniteLatentError
+
+    cache = LatentCache("disk", resolution=32, vae_id="v", folder=tmp_path / "lat")
+    bad = torch.zeros(4, 4, 4)
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(NonFiniteLatentError, match="photo_17.png is not finite \\(1 NaN/inf"):
+        cache._store("k1", bad, "data/photo_17.png")
+    assert cache.load_disk("k1") is None  # nothing was cached
+    path = cache._path("k2")
+    path.parent.mkdir(parents=True)
+    save_file({"latent": bad}, str(path))  # a damaged entry on disk
+    with caplog.at_level("WARNING", logger="training.latents"):
+        assert cache.load_disk("k2") is None
+    assert "NaN/inf" in caplog.text
 
 
 # -- data ----------------------------------------------------------------------------------------------

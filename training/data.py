@@ -205,7 +205,7 @@ class TrainingData(torch.utils.data.Dataset):
         key = self.latent_key(item)
         out: dict[str, Any] = {"crop": load_crop(item.crop, self.crop_size), "latent_key": key,
                                "prompt": item.prompt if item.prompt is not None else self.templates[ref.template],
-                               "position": ref.position}
+                               "position": ref.position, "image": item.image}
         latent = self.cached_latent(key) if self.cached_latent is not None else None
         if latent is not None:
             out["latent"] = latent
@@ -218,4 +218,5 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Crops stacked ``[B, 3, S, S]``; pixels/latents stay per-sample lists (some may be cached)."""
     return {"crop": torch.stack([s["crop"] for s in samples]), "prompt": [s["prompt"] for s in samples],
             "latent_key": [s["latent_key"] for s in samples], "position": [s["position"] for s in samples],
+            "image": [s["image"] for s in samples],
             "latent": [s.get("latent") for s in samples], "pixels": [s.get("pixels") for s in samples]}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dreamid_core import DreamIDError
 from dreamid_core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     if shift:
         latents = latents - shift
     return latents * float(vae.config.scaling_factor)
+
+
+class NonFiniteLatentError(DreamIDError, ValueError):
+    """The VAE gave NaN or inf for a training image; it is not cached and the run stops."""
 
 
 class LatentCache:
@@ -82,13 +87,22 @@ class LatentCache:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))["latent"]
+            latent = load_file(str(path))["latent"]
         except (SafetensorError, OSError, KeyError, ValueError):
             logger.warning("latent cache entry %s is unreadable; encoding again", path)
             return None
+        if not bool(torch.isfinite(latent).all()):
+            logger.warning("latent cache entry %s holds NaN/inf (a damaged file); encoding again", path)
+            return None
+        return latent
 
-    def _store(self, key: str, latent: torch.Tensor) -> None:
+    def _store(self, key: str, latent: torch.Tensor, image: str | None = None) -> None:
         latent = latent.detach().to("cpu", torch.float32).contiguous()
+        if not bool(torch.isfinite(latent).all()):
+            raise NonFiniteLatentError(
+                f"the VAE latent of {image or key} is not finite ({int((~torch.isfinite(latent)).sum())} NaN/inf "
+                "values); it was not cached. Check that image (re-save it as an 8-bit RGB PNG/JPEG) or drop it; a VAE "
+                "run in fp16 also overflows (the trainer keeps it in float32).")
         if self.mode == "memory":
             self.memory[key] = latent
         elif self.mode == "disk":
@@ -100,19 +114,20 @@ class LatentCache:
     def latents_for(self, batch: dict, vae: torch.nn.Module, device: torch.device) -> torch.Tensor:
         """The batch's latents ``[B, C, h, w]`` on ``device``: cached ones reused, the rest encoded."""
         keys, given, pixels = batch["latent_key"], batch["latent"], batch["pixels"]
+        images = batch.get("image") or [None] * len(keys)
         if self.mode == "off":
             stacked = torch.stack(pixels).to(device)  # [B, 3, R, R]
             self.encoded += len(keys)
             return encode_latents(vae, stacked)
         out: list[torch.Tensor] = []
-        for key, lat, pix in zip(keys, given, pixels, strict=True):
+        for key, lat, pix, image in zip(keys, given, pixels, images, strict=True):
             if lat is None:
                 lat = self.memory.get(key)
             if lat is None:
                 if pix is None:
                     raise RuntimeError(f"latent {key} is neither cached nor loaded as pixels")
                 lat = encode_latents(vae, pix[None].to(device))[0]  # batch of one: see the module docstring
-                self._store(key, lat)
+                self._store(key, lat, image)
                 self.encoded += 1
             else:
                 self.hits += 1

@@ -33,6 +33,7 @@ from dreamid_core import DreamIDError
 
 from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
+from .divergence import RUN_MECHANICS, TrainingDivergedError, check_finite, describe_samples
 from .launch import check_global_batch, global_batch, launch_command
 from .locking import RunLock
 from .setup import align_faces, build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
@@ -43,11 +44,9 @@ logger = logging.getLogger("training.train")
 #: config fields that may change between a checkpoint and its resumption (batch_size and
 #: gradient_accumulation_steps only while the global batch stays the same, see training.launch)
 RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "extra", "batch_size",
-                     "gradient_accumulation_steps")
+                     "gradient_accumulation_steps", *RUN_MECHANICS)
 
-
-class TrainingDivergedError(DreamIDError, RuntimeError):
-    """The loss or the gradients became NaN or infinite."""
+__all__ = ["RunFlags", "TrainResult", "TrainingDivergedError", "train", "main"]
 
 
 @dataclass
@@ -68,13 +67,14 @@ class RunFlags:
     # collectives wait this long for the slowest rank (NCCL's default, 10 min, is shorter than aligning a
     # big recon folder's shard or a slow checkpoint write on a network disk)
     process_group_timeout_min: float = 180.0
+    skip_steps: tuple[int, ...] = ()  # these steps draw their samples and drop them (after a divergence)
     allow_batch_change: bool = False  # resume even though the global batch differs from the checkpoint's
 
 
 @dataclass
 class TrainResult:
     step: int
-    losses: list[float] = field(default_factory=list)  # mean loss of each step run in this call
+    losses: list[float] = field(default_factory=list)  # mean loss of each step run in this call (skipped: none)
     checkpoint: Path | None = None
     output_dir: Path | None = None
     encoder: Any = None  # the trained IDEncoder (unwrapped), as it is after the last step
@@ -128,6 +128,13 @@ def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, where: Path
         lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"cannot resume {where} with a different experiment ({lines}). Resume without --config "
                           f"(uses the checkpoint's), or start a new --output-dir. Only {RESUMABLE_CHANGES} may change.")
+    if (saved.backbone_lr is None) != (cfg.backbone_lr is None):
+        raise ConfigError(f"cannot resume {where}: backbone_lr {saved.backbone_lr!r} -> {cfg.backbone_lr!r} freezes or "
+                          "unfreezes the backbone (another optimizer); only its value may change on resume")
+    for name in RUN_MECHANICS:
+        if getattr(saved, name) != getattr(cfg, name):
+            logger.warning("resuming with %s %r (the checkpoint trained with %r)", name, getattr(cfg, name),
+                           getattr(saved, name))
     if saved.max_steps != cfg.max_steps and cfg.lr_schedule != "constant":
         logger.warning("max_steps changed %d -> %d: the %s lr schedule is stretched from here on",
                        saved.max_steps, cfg.max_steps, cfg.lr_schedule)
@@ -220,7 +227,7 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
     step = 0
     if resume_from is not None:
-        step = _load_checkpoint(resume_from, saved_state, encoder, optimizer, lr_scheduler, data.sampler)
+        step = _load_checkpoint(cfg, resume_from, saved_state, encoder, optimizer, lr_scheduler, data.sampler)
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
     if resume_from is not None:
         rng = resume_from.rng_state(accelerator.process_index)
@@ -249,7 +256,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def _load_checkpoint(ckpt: Checkpoint, state: dict[str, Any], encoder, optimizer, lr_scheduler, sampler) -> int:
+def _load_checkpoint(cfg: ExperimentConfig, ckpt: Checkpoint, state: dict[str, Any], encoder, optimizer, lr_scheduler,
+                     sampler) -> int:
     from safetensors.torch import load_file
 
     from dreamid_core import read_encoder_config
@@ -264,6 +272,13 @@ def _load_checkpoint(ckpt: Checkpoint, state: dict[str, Any], encoder, optimizer
                           f"unexpected {unexpected[:3]})")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    base_lrs = [cfg.lr] + ([cfg.backbone_lr] if cfg.backbone_lr is not None else [])
+    if list(lr_scheduler.base_lrs) != base_lrs:  # a changed lr on resume (after a divergence) takes effect now
+        lr_scheduler.base_lrs = base_lrs
+        for group, base_lr, factor in zip(optimizer.param_groups, base_lrs, lr_scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
     sampler.load_state_dict(state["sampler"])
     return int(state["step"])
 
@@ -284,49 +299,62 @@ def _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data,
     split = accelerator.unwrap_model(encoder).split
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     metrics_file = manager.run_dir / "metrics.jsonl"
+    resume_command = f"{launch_command(world)} --output-dir {manager.run_dir} --resume"
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and flags.progress), desc="train", unit="step")
     tick, tick_step = time.perf_counter(), step
     while step < stop:
-        sums = torch.zeros(3, device=accelerator.device)  # loss, mse, reg summed over micro-steps
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(encoder):
-                latents = data.latents.latents_for(batch, base.vae, accelerator.device)
-                gen = step_generator(cfg.seed, step, micro, rank)
-                with accelerator.autocast():
-                    parts = diffusion_loss(base, encoder, split, latents, batch["crop"].to(accelerator.device),
-                                           batch["prompt"], generator=gen, reg_weight=cfg.reg_weight,
-                                           trigger=cfg.trigger, k=cfg.num_tokens, noise_offset=cfg.noise_offset)
-                accelerator.backward(parts.loss)
-                sums += torch.stack([parts.loss.detach(), parts.mse.detach(), parts.reg.detach()]).float()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-                    means = accelerator.reduce(sums, "sum") / (world * cfg.gradient_accumulation_steps)
-                    _check_finite(cfg, step + 1, means, grad_norm, manager)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr = lr_scheduler.get_last_lr()[0]
+        samples: list[dict[str, Any]] = []  # this process's samples of the step, for a divergence message
+        record: dict[str, Any]
+        if step + 1 in flags.skip_steps:
+            for _ in range(cfg.gradient_accumulation_steps):
+                _note_samples(samples, next(batches))
+            record = {"step": step + 1, "skipped": True}
+            logger.warning("step %d skipped (--skip-step): its samples are dropped and nothing is updated: %s",
+                           step + 1, describe_samples(samples))
+        else:
+            sums = torch.zeros(3, device=accelerator.device)  # loss, mse, reg summed over micro-steps
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                _note_samples(samples, batch)
+                with accelerator.accumulate(encoder):
+                    latents = data.latents.latents_for(batch, base.vae, accelerator.device)
+                    gen = step_generator(cfg.seed, step, micro, rank)
+                    with accelerator.autocast():
+                        parts = diffusion_loss(base, encoder, split, latents, batch["crop"].to(accelerator.device),
+                                               batch["prompt"], generator=gen, reg_weight=cfg.reg_weight,
+                                               trigger=cfg.trigger, k=cfg.num_tokens, noise_offset=cfg.noise_offset)
+                    accelerator.backward(parts.loss)
+                    sums += torch.stack([parts.loss.detach(), parts.mse.detach(), parts.reg.detach()]).float()
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+                        means = accelerator.reduce(sums, "sum") / (world * cfg.gradient_accumulation_steps)
+                        last = manager.latest()
+                        check_finite(cfg, step + 1, means, grad_norm, last_checkpoint=str(last.path) if last else None,
+                                     samples=samples, rank=rank, resume_command=resume_command)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            loss, mse, reg = (float(v) for v in means)
+            record = {"step": step + 1, "loss": loss, "mse": mse, "reg": reg,
+                      "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            result.losses.append(loss)
         lr_scheduler.step()
         step += 1
         data.sampler.advance(samples_per_step)
-        loss, mse, reg = (float(v) for v in means)
         result.step = step
-        result.losses.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if "loss" in record:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if main:
             with open(metrics_file, "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": loss, "mse": mse, "reg": reg, "lr": lr,
-                                     "grad_norm": float(grad_norm)}) + "\n")
-        if step % flags.log_every == 0 or step == stop:
+                fh.write(json.dumps(record) + "\n")
+        if (step % flags.log_every == 0 or step == stop) and "loss" in record:
             now = time.perf_counter()
             rate = (step - tick_step) * samples_per_step / max(now - tick, 1e-9)
             tick, tick_step = now, step
-            accelerator.log({"loss": loss, "mse": mse, "reg": reg, "lr": lr, "grad_norm": float(grad_norm),
-                             "samples_per_s": rate}, step=step)
+            accelerator.log({**{k: v for k, v in record.items() if k != "step"}, "samples_per_s": rate}, step=step)
             if main:
                 logger.info("step %d/%d loss %.5f (mse %.5f, reg %.3f) lr %.2e %.1f samples/s", step, cfg.max_steps,
-                            loss, mse, reg, lr, rate)
+                            record["loss"], record["mse"], record["reg"], record["lr"], rate)
         if step % cfg.checkpoint_every == 0 or step == stop:
             result.checkpoint = save_checkpoint(cfg, accelerator, manager, step, encoder, optimizer, lr_scheduler,
                                                 data)
@@ -335,18 +363,9 @@ def _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data,
                 data.latents.encoded, data.latents.hits)
 
 
-def _check_finite(cfg, step: int, means: torch.Tensor, grad_norm: torch.Tensor, manager: CheckpointManager) -> None:
-    bad_loss = not bool(torch.isfinite(means).all())
-    bad_grad = not bool(torch.isfinite(grad_norm)) and cfg.mixed_precision != "fp16"  # fp16: the scaler skips it
-    if bad_loss or bad_grad:
-        last = manager.latest()
-        where = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
-        what = f"loss {means[0].item()} (mse {means[1].item()}, reg {means[2].item()})" if bad_loss else \
-            f"gradient norm {grad_norm.item()} (loss {means[0].item()})"
-        raise TrainingDivergedError(
-            f"training diverged at step {step}: {what} is not finite; the update was not applied and {where}. "
-            f"Lower lr (now {cfg.lr}), keep max_grad_norm set (now {cfg.max_grad_norm}), use mixed_precision 'bf16' "
-            "rather than 'fp16', check the data report for odd images, then --resume.")
+def _note_samples(samples: list[dict[str, Any]], batch: dict[str, Any]) -> None:
+    samples.extend({"position": p, "image": Path(i).name, "prompt": t}
+                   for p, i, t in zip(batch["position"], batch["image"], batch["prompt"], strict=True))
 
 
 def save_checkpoint(cfg, accelerator, manager: CheckpointManager, step: int, encoder, optimizer, lr_scheduler,
@@ -383,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, data report")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    p.add_argument("--skip-step", type=int, action="append", default=[], metavar="N",
+                   help="draw step N's samples and drop them without an update (after a divergence at step N); "
+                        "repeatable")
     p.add_argument("--allow-batch-change", action="store_true",
                    help="resume although processes x batch_size x gradient_accumulation_steps differs from the "
                         "checkpoint's (changes the recipe; refused otherwise)")
@@ -415,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                          stop_after_step=args.stop_after_step, cache_dir=args.cache_dir, log_every=args.log_every,
                          num_workers=args.num_workers, report_to=args.report_to, channels_last=args.channels_last,
                          compile_unet=args.compile, progress=not args.no_progress,
-                         allow_batch_change=args.allow_batch_change,
+                         allow_batch_change=args.allow_batch_change, skip_steps=tuple(args.skip_step),
                          process_group_timeout_min=args.process_group_timeout)
         result = train(cfg, flags)
     except (DreamIDError, ConfigError, FileNotFoundError, FileExistsError) as exc:
