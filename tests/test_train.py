@@ -677,3 +677,18 @@ def test_trained_backbone_must_be_checkpointed(cfg, tmp_path):
     saved = {k.removeprefix("backbone."): v for k, v in encoder_tensors(run, 1).items() if k.startswith("backbone.")}
     changed = [k for k in saved if k in original and not torch.equal(saved[k], original[k])]
     assert changed, "the checkpoint holds the original backbone, not the trained one"
+
+
+# -- a torn metrics.jsonl (issue 8 item 7) ------------------------------------------------------------------
+
+def test_resume_tolerates_a_torn_metrics_line(cfg, reference, tmp_path):
+    import shutil
+
+    run = shutil.copytree(reference.output_dir, tmp_path / "run")
+    shutil.rmtree(run / "checkpoint-20")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 21, "loss": 0.4')  # the disk filled up mid-line
+    resumed = train(cfg, flags(run, resume=True))
+    assert resumed.step == 20 and resumed.losses == reference.losses[10:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 21))

@@ -250,10 +250,16 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines a killed run wrote after the step this run starts from (they are redone)."""
+    """Drop the lines a killed run wrote after the step this run starts from (they are redone), and a
+    torn last line (disk full, power loss) or any other unreadable line (logged)."""
+    from dreamid_core.fileio import atomic_write
+
+    from .jsonl import read_jsonl
+
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        records = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        with atomic_write(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def _load_checkpoint(cfg: ExperimentConfig, ckpt: Checkpoint, state: dict[str, Any], encoder, optimizer, lr_scheduler,
