@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+_NMS_BLOCK = 512  # rows of the overlap matrix computed at once (bounds memory for many boxes)
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -51,29 +53,39 @@ class FaceDetector(Protocol):
     def detect(self, image: np.ndarray) -> list[Detection]: ...
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, mode: str = "union") -> torch.Tensor:
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, mode: str = "union",
+        groups: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy non-maximum suppression; returns kept indices, best score first.
 
     ``boxes`` ``[N, 4]`` as ``(x1, y1, x2, y2)``; ``mode`` "union" divides the overlap by the
-    union of the two boxes, "min" by the smaller box (MTCNN's last stage uses "min"). Runs on the
-    CPU in numpy whatever the tensors' device (a greedy loop on a GPU would sync every step).
+    union of the two boxes, "min" by the smaller box (MTCNN's last stage uses "min"). ``groups``
+    ``[N]`` (integers, e.g. the photo or pyramid level of each box): boxes only suppress boxes of
+    their own group, as if each group had its own call. Runs on the CPU in numpy whatever the
+    tensors' device (a greedy loop on a GPU would sync every step): the overlaps are computed a
+    block of rows at a time, so the Python loop only checks a flag per box.
     """
     if mode not in ("union", "min"):
         raise ValueError(f"nms mode must be 'union' or 'min', got {mode!r}")
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    b = boxes.detach().to("cpu", torch.float64).numpy()
-    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
     order = np.argsort(-scores.detach().to("cpu", torch.float64).numpy(), kind="stable")
+    b = boxes.detach().to("cpu", torch.float64).numpy()[order]  # [N, 4], best first
+    g = np.zeros(len(b), np.int64) if groups is None else groups.detach().cpu().numpy().astype(np.int64)[order]
+    areas = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+    removed = np.zeros(len(b), bool)
     keep: list[int] = []
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-        inter = w * h
-        denom = np.minimum(areas[i], areas[rest]) if mode == "min" else areas[i] + areas[rest] - inter
-        order = rest[inter / np.maximum(denom, 1e-12) <= iou_threshold]
-    return torch.as_tensor(keep, dtype=torch.long, device=boxes.device)
+    for start in range(0, len(b), _NMS_BLOCK):
+        rows, cols = slice(start, start + _NMS_BLOCK), slice(start, None)  # earlier columns are decided
+        w = np.maximum(np.minimum(b[rows, None, 2], b[None, cols, 2]) - np.maximum(b[rows, None, 0], b[None, cols, 0]), 0)
+        h = np.maximum(np.minimum(b[rows, None, 3], b[None, cols, 3]) - np.maximum(b[rows, None, 1], b[None, cols, 1]), 0)
+        inter = w * h  # [block, N - start]
+        if mode == "min":
+            denom = np.minimum(areas[rows, None], areas[None, cols])
+        else:
+            denom = areas[rows, None] + areas[None, cols] - inter
+        suppress = (inter / np.maximum(denom, 1e-12) > iou_threshold) & (g[rows, None] == g[None, cols])
+        for r, row in enumerate(suppress):
+            if not removed[start + r]:
+                keep.append(start + r)
+                removed[start:] |= row
+    return torch.as_tensor(order[keep], dtype=torch.long, device=boxes.device)

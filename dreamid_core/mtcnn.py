@@ -23,6 +23,7 @@ import importlib.metadata
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch import nn
 
 from .detection import Detection, nms
 from .errors import ImageInputError, ModelFilesError, WeightFormatError
+from .mtcnn_sampling import CropSampler, shelf_pack
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ INSTALL_FIX = (
     "pip install --no-deps facenet-pytorch==2.6.0 (--no-deps because its metadata pins an old torch "
     "and torchvision that pip would otherwise try to install over yours; only its weight files are used)")
 _CELL, _STRIDE = 12, 2  # P-Net's receptive field and output stride, in pixels of a pyramid level
-_CHUNK = 128  # crops per R-Net/O-Net forward
+_PACK_BELOW = 128 * 128  # pyramid levels under this many px share one P-Net call (see _propose)
+_CHUNK = 512  # crops per R-Net/O-Net forward (bounds the activations' memory)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +71,13 @@ class PNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, 3, H, W]`` normalised -> (probability ``[N, h, w]``, regression ``[N, 4, h, w]``)."""
         x = self.pool1(self.prelu1(self.conv1(x)))
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return F.softmax(self.conv4_1(x), dim=1)[:, 1], self.conv4_2(x)
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))  # [N, 32, h, w]
+        # both 1x1 heads as one matmul over the channels (a 2- or 4-channel 1x1 conv takes a slow path)
+        weight = torch.cat([self.conv4_1.weight, self.conv4_2.weight]).flatten(1)  # [6, 32]
+        bias = torch.cat([self.conv4_1.bias, self.conv4_2.bias])  # [6]
+        y = F.linear(x.permute(0, 2, 3, 1), weight, bias)  # [N, h, w, 6]
+        face = torch.sigmoid(y[..., 1] - y[..., 0])  # = softmax over the two logits, [N, h, w]
+        return face, y[..., 2:].permute(0, 3, 1, 2)
 
 
 class RNet(nn.Module):
@@ -178,37 +186,6 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([centre - half, centre + half], dim=1)
 
 
-def _crops(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Resample ``boxes`` of ``image`` ``[1, 3, H, W]`` to ``[N, 3, size, size]``, zeros outside.
-
-    Area-like: bilinear samples on a ``k``-times finer grid, averaged over ``k x k`` (``k`` up to 4,
-    enough that a box several times larger than ``size`` is not aliased). All crops of a chunk are
-    sampled in one ``grid_sample`` call, stacked along the grid's height.
-    """
-    h, w = image.shape[-2:]
-    n = boxes.shape[0]
-    k = int(min(4, max(1, math.ceil(float((boxes[:, 2:] - boxes[:, :2]).max()) / size))))
-    s = size * k
-    t = (torch.arange(s, device=image.device, dtype=image.dtype) + 0.5) / s  # [s] fractions of the box
-    xs = boxes[:, 0:1] + t * (boxes[:, 2:3] - boxes[:, 0:1])  # [N, s] pixel x of each sample column
-    ys = boxes[:, 1:2] + t * (boxes[:, 3:4] - boxes[:, 1:2])  # [N, s]
-    gx = (2 * xs / w - 1)[:, None, :].expand(n, s, s)  # [N, s(rows), s(cols)], align_corners=False
-    gy = (2 * ys / h - 1)[:, :, None].expand(n, s, s)
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, n * s, s, 2)  # crops stacked vertically
-    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = out.reshape(3, n, s, s).transpose(0, 1)  # [1, 3, N*s, s] -> [N, 3, s, s]
-    return F.avg_pool2d(out, k) if k > 1 else out
-
-
-def _run_on_crops(net: nn.Module, image: torch.Tensor, boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """Run ``net`` on ``size``-px crops of every box, in chunks of similar box size (so each chunk's
-    supersampling suits its boxes); outputs come back in the order of ``boxes``."""
-    order = (boxes[:, 2] - boxes[:, 0]).argsort()
-    chunks = [net(_normalise(_crops(image, boxes[idx], size))) for idx in order.split(_CHUNK)]
-    inverse = order.argsort()
-    return tuple(torch.cat(parts)[inverse] for parts in zip(*chunks, strict=True))
-
-
 class MTCNNDetector:
     """MTCNN on the facenet-pytorch weights. ``detect(rgb_uint8_hw3)`` -> detections, best first."""
 
@@ -231,48 +208,72 @@ class MTCNNDetector:
         self.max_side = int(max_side)
         self.device = torch.device(device)
         self.weights_dir = locate_weights(weights_dir)
-        self.pnet = _load_net(PNet(), self.weights_dir / "pnet.pt").to(self.device)
-        self.rnet = _load_net(RNet(), self.weights_dir / "rnet.pt").to(self.device)
-        self.onet = _load_net(ONet(), self.weights_dir / "onet.pt").to(self.device)
+        # channels-last: the pools and small convolutions run 3x faster on the CPU in that layout
+        self.pnet, self.rnet, self.onet = (
+            _load_net(net, self.weights_dir / file).to(self.device, memory_format=torch.channels_last)
+            for net, file in zip((PNet(), RNet(), ONet()), WEIGHT_FILES, strict=True))
         logger.debug("MTCNN weights from %s on %s", self.weights_dir, self.device)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Faces in an RGB ``uint8`` image ``[H, W, 3]``, sorted by score (highest first)."""
+        return self.detect_batch([image])[0]
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        """Faces in each of several photos of any sizes, found by one cascade for the whole batch.
+
+        All pyramid levels of all photos go through P-Net in one call, and the crops of all photos
+        through R-Net and O-Net together. The networks and crop sampling run on ``self.device``;
+        box bookkeeping and NMS run on the host, with one device-to-host transfer per stage for the
+        whole batch (three in all, however many photos and pyramid levels). Photos longer than
+        ``max_side`` are detected on an area-averaged copy and their boxes mapped back.
+        """
+        work, back = [], []
+        for i, image in enumerate(images):
+            small, ratio = self._detection_copy(image, i)
+            work.append(small)
+            back.append(ratio)
+        found = self._cascade(work)
+        return [[d.transformed(r) for d in faces] if r != 1.0 else faces for faces, r in zip(found, back, strict=True)]
+
+    def _detection_copy(self, image: np.ndarray, index: int) -> tuple[np.ndarray, float]:
+        """``image`` (checked), or an area-averaged copy with ``max_side`` px, and the factor back."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             what = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ImageInputError(f"MTCNN needs an RGB uint8 array [H, W, 3]; got {what}")
+            raise ImageInputError(f"MTCNN needs an RGB uint8 array [H, W, 3]; got {what} (image {index})")
         h, w = image.shape[:2]
         if max(h, w) <= self.max_side:
-            return self._detect(image)
+            return image, 1.0
         from PIL import Image  # box filter = area average, straight on uint8: no float copy of a huge image
 
         ratio = self.max_side / max(h, w)
         small_w, small_h = max(1, round(w * ratio)), max(1, round(h * ratio))
         small = np.asarray(Image.fromarray(image).resize((small_w, small_h), Image.Resampling.BOX))
         logger.debug("MTCNN: %dx%d image detected at %dx%d", w, h, small_w, small_h)
-        back = (w / small_w + h / small_h) / 2
-        return [d.transformed(back) for d in self._detect(small)]
+        return small, (w / small_w + h / small_h) / 2
 
-    def _detect(self, image: np.ndarray) -> list[Detection]:
-        h, w = image.shape[:2]
-        if min(h, w) < _CELL:
-            return []
+    def _cascade(self, images: list[np.ndarray]) -> list[list[Detection]]:
+        results: list[list[Detection]] = [[] for _ in images]
+        live = [i for i, im in enumerate(images) if min(im.shape[:2]) >= _CELL]
+        if not live:
+            return results
         with torch.inference_mode():
-            x = torch.tensor(image, device=self.device)  # a copy: the caller's array may be read-only
-            x = x.permute(2, 0, 1).unsqueeze(0).float()  # [H, W, 3] -> [1, 3, H, W]
-            boxes = self._propose(x)
-            logger.debug("MTCNN P-Net: %d candidates", len(boxes))
+            # a copy (the caller's array may be read-only): [H, W, 3] -> [1, 3, H, W] float 0..255
+            photos = {i: torch.tensor(images[i], device=self.device).permute(2, 0, 1).unsqueeze(0).float().contiguous()
+                      for i in live}  # contiguous: the area resize and grid_sample are 2x slower on [H, W, C] strides
+            boxes, owner = self._propose(photos)
+            logger.debug("MTCNN P-Net: %d candidates in %d photo(s)", len(boxes), len(live))
+            samplers = {i: CropSampler(x) for i, x in photos.items()}
             if len(boxes):
-                boxes = self._refine(x, boxes)
+                boxes, owner = self._refine(samplers, boxes, owner)
                 logger.debug("MTCNN R-Net: %d candidates", len(boxes))
             if not len(boxes):
-                return []
-            boxes, scores, landmarks = self._output(x, boxes)
+                return results
+            boxes, scores, landmarks, owner = self._output(samplers, boxes, owner)
             logger.debug("MTCNN O-Net: %d faces", len(boxes))
-        found = [Detection(box=tuple(float(v) for v in b), score=float(s), landmarks=lm)
-                 for b, s, lm in zip(boxes.cpu().tolist(), scores.cpu().tolist(),
-                                     landmarks.cpu().numpy().astype(np.float32), strict=True)]
-        return sorted(found, key=lambda d: -d.score)
+        for b, s, lm, o in zip(boxes.tolist(), scores.tolist(), landmarks.numpy().astype(np.float32),
+                               owner.tolist(), strict=True):
+            results[o].append(Detection(box=tuple(float(v) for v in b), score=float(s), landmarks=lm))
+        return [sorted(found, key=lambda d: -d.score) for found in results]
 
     def _scales(self, h: int, w: int) -> list[float]:
         """Pyramid scales: the first maps ``min_face_size`` to P-Net's 12 px window."""
@@ -283,50 +284,100 @@ class MTCNNDetector:
             shortest *= self.pyramid_factor
         return scales
 
-    def _propose(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage 1: P-Net over the pyramid -> squared candidate boxes ``[N, 4]``."""
-        h, w = x.shape[-2:]
-        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for scale in self._scales(h, w):
-            lh, lw = int(h * scale + 1), int(w * scale + 1)
-            level = F.interpolate(x, size=(lh, lw), mode="area")  # [1, 3, lh, lw]
-            prob, reg = self.pnet(_normalise(level))  # [1, gh, gw], [1, 4, gh, gw]
-            gy, gx = torch.nonzero(prob[0] >= self.thresholds[0], as_tuple=True)
-            if not len(gy):
-                continue
-            sx, sy = lw / w, lh / h  # actual level scale per axis
-            x1, y1 = gx * _STRIDE / sx, gy * _STRIDE / sy
-            boxes = torch.stack([x1, y1, x1 + _CELL / sx, y1 + _CELL / sy], dim=1).to(x.dtype)  # [n, 4]
-            scores, offsets = prob[0, gy, gx], reg[0, :, gy, gx].T  # [n], [4, n] -> [n, 4]
-            keep = nms(boxes, scores, 0.5)
-            found.append((boxes[keep], scores[keep], offsets[keep]))
-        if not found:
-            return x.new_zeros((0, 4))
-        boxes, scores, offsets = (torch.cat(parts) for parts in zip(*found, strict=True))
-        keep = nms(boxes, scores, 0.7)
-        return self._valid(_square(_regress(boxes[keep], offsets[keep])))
+    def _propose(self, photos: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1: P-Net over every level of every photo -> squared candidate boxes ``[N, 4]`` and the
+        photo each belongs to ``[N]`` (host tensors).
 
-    def _refine(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        Levels of ``_PACK_BELOW`` px or more get a P-Net call each; all smaller levels of all photos
+        share one packed canvas (measured on the CPU: one canvas for everything is slower than a
+        call per large level, as its activations fall out of cache; many tiny calls cost overhead).
+        """
+        levels = []  # (photo, level h, level w, photo h, photo w)
+        for i, x in photos.items():
+            h, w = x.shape[-2:]
+            levels += [(i, int(h * s + 1), int(w * s + 1), h, w) for s in self._scales(h, w)]
+        if not levels:
+            return torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long)
+        small = [n for n, (_, lh, lw, _, _) in enumerate(levels) if lh * lw < _PACK_BELOW]
+        sheets = [[n] for n in range(len(levels)) if n not in small] + ([small] if small else [])
+        origin = [(0, 0)] * len(levels)  # (y, x) of each level in its sheet
+        flat = []  # per sheet: score [n], offsets [4, n], level [n], cell y [n], cell x [n] (flattened cells)
+        for sheet in sheets:
+            where, (ch, cw) = shelf_pack([levels[n][1:3] for n in sheet])
+            canvas = torch.zeros((1, 3, ch, cw), device=self.device)  # filled plane by plane, then channels-last
+            cells = torch.full((_cells(ch), _cells(cw)), -1, dtype=torch.long)  # [GH, GW] level of each cell
+            for n, (y, x) in zip(sheet, where, strict=True):
+                i, lh, lw, _, _ = levels[n]
+                origin[n] = (y, x)
+                canvas[:, :, y:y + lh, x:x + lw] = _normalise(F.interpolate(photos[i], size=(lh, lw), mode="area"))
+                cells[y // _STRIDE:y // _STRIDE + _cells(lh), x // _STRIDE:x // _STRIDE + _cells(lw)] = n
+            prob, reg = self.pnet(canvas.contiguous(memory_format=torch.channels_last))  # [1, GH, GW], [1, 4, GH, GW]
+            gy, gx = torch.meshgrid(torch.arange(cells.shape[0]), torch.arange(cells.shape[1]), indexing="ij")
+            flat.append((prob.flatten(), reg[0].flatten(1),
+                         *(t.flatten().to(self.device) for t in (cells, gy, gx))))
+        score, offsets, level, gy, gx = (torch.cat(parts, dim=-1) for parts in zip(*flat, strict=True))
+        # cells whose 12 px window straddles two packed levels (level -1) are not P-Net's output
+        hit = torch.nonzero((score >= self.thresholds[0]) & (level >= 0)).flatten()
+        found = torch.cat([score[None], offsets, level[None], gy[None], gx[None]])[:, hit].cpu()  # the one transfer
+        scores, offsets = found[0], found[1:5].T  # [n], [n, 4]
+        level, gy, gx = found[5:].long()  # [n] each
+        table = torch.tensor([[i, y // _STRIDE, x // _STRIDE, lw / w, lh / h]
+                              for (i, lh, lw, h, w), (y, x) in zip(levels, origin, strict=True)], dtype=torch.float64)
+        photo, oy, ox, sx, sy = table[level].T  # [n] each
+        x1 = ((gx - ox) * _STRIDE / sx).float()
+        y1 = ((gy - oy) * _STRIDE / sy).float()
+        boxes = torch.stack([x1, y1, x1 + (_CELL / sx).float(), y1 + (_CELL / sy).float()], dim=1)  # [n, 4]
+        photo = photo.long()
+        keep = nms(boxes, scores, 0.5, groups=level)  # within each level
+        boxes, scores, offsets, photo = boxes[keep], scores[keep], offsets[keep], photo[keep]
+        keep = nms(boxes, scores, 0.7, groups=photo)  # across the levels of each photo
+        boxes = _square(_regress(boxes[keep], offsets[keep]))
+        ok = _valid(boxes)
+        return boxes[ok], photo[keep][ok]
+
+    def _run_on_crops(self, net: nn.Module, samplers: dict[int, CropSampler], boxes: torch.Tensor,
+                      owner: torch.Tensor, size: int) -> list[torch.Tensor]:
+        """``net`` on ``size`` px crops of every box (each from its own photo) -> its outputs on the host."""
+        crops = torch.empty((len(boxes), 3, size, size), device=self.device)
+        for i in torch.unique(owner).tolist():
+            idx = torch.nonzero(owner == i).flatten()
+            crops[idx.to(self.device)] = samplers[i].crops(boxes[idx], size)
+        crops = _normalise(crops).contiguous(memory_format=torch.channels_last)
+        outs = [net(chunk) for chunk in crops.split(_CHUNK)]
+        joined = torch.cat([torch.cat(parts).reshape(len(boxes), -1) for parts in zip(*outs, strict=True)], dim=1)
+        host = joined.cpu()  # the stage's one device -> host transfer
+        widths = [parts[0].reshape(parts[0].shape[0], -1).shape[1] for parts in zip(*outs, strict=True)]
+        return list(host.split(widths, dim=1))
+
+    def _refine(self, samplers: dict[int, CropSampler], boxes: torch.Tensor,
+                owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: R-Net on 24x24 crops -> fewer, better squared boxes."""
-        scores, offsets = _run_on_crops(self.rnet, x, boxes, 24)  # [N], [N, 4]
-        ok = scores > self.thresholds[1]
-        boxes, scores, offsets = boxes[ok], scores[ok], offsets[ok]
-        keep = nms(boxes, scores, 0.7)
-        return self._valid(_square(_regress(boxes[keep], offsets[keep])))
+        scores, offsets = self._run_on_crops(self.rnet, samplers, boxes, owner, 24)  # [N, 1], [N, 4]
+        ok = scores[:, 0] > self.thresholds[1]
+        boxes, scores, offsets, owner = boxes[ok], scores[ok, 0], offsets[ok], owner[ok]
+        keep = nms(boxes, scores, 0.7, groups=owner)
+        boxes = _square(_regress(boxes[keep], offsets[keep]))
+        ok = _valid(boxes)
+        return boxes[ok], owner[keep][ok]
 
-    def _output(self, x: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stage 3: O-Net on 48x48 crops -> boxes ``[M, 4]``, scores ``[M]``, landmarks ``[M, 5, 2]``."""
-        scores, offsets, points = _run_on_crops(self.onet, x, boxes, 48)  # [N], [N, 4], [N, 10]
-        ok = scores > self.thresholds[2]
-        boxes, scores, offsets, points = boxes[ok], scores[ok], offsets[ok], points[ok]
+    def _output(self, samplers: dict[int, CropSampler], boxes: torch.Tensor,
+                owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 3: O-Net on 48x48 crops -> boxes ``[M, 4]``, scores ``[M]``, landmarks ``[M, 5, 2]``, photo ``[M]``."""
+        scores, offsets, points = self._run_on_crops(self.onet, samplers, boxes, owner, 48)  # [N, 1], [N, 4], [N, 10]
+        ok = scores[:, 0] > self.thresholds[2]
+        boxes, scores, offsets, points, owner = boxes[ok], scores[ok, 0], offsets[ok], points[ok], owner[ok]
         size = boxes[:, 2:] - boxes[:, :2]  # [M, 2] (w, h) of the box O-Net saw
         landmarks = boxes[:, None, :2] + points.reshape(-1, 2, 5).transpose(1, 2) * size[:, None, :]  # [M, 5, 2]
         boxes = _regress(boxes, offsets)
-        keep = nms(boxes, scores, 0.7, mode="min")
-        return boxes[keep], scores[keep], landmarks[keep]
+        keep = nms(boxes, scores, 0.7, mode="min", groups=owner)
+        return boxes[keep], scores[keep], landmarks[keep], owner[keep]
 
-    @staticmethod
-    def _valid(boxes: torch.Tensor) -> torch.Tensor:
-        """Drop boxes that regression collapsed (side under 1 px or not finite)."""
-        side = boxes[:, 2] - boxes[:, 0]
-        return boxes[torch.isfinite(boxes).all(dim=1) & (side >= 1)]
+
+def _cells(side: int) -> int:
+    """P-Net output cells along a side of ``side`` px (3x3 conv, ceil-mode 2x2 pool, two 3x3 convs)."""
+    return max(0, math.ceil((side - 2) / 2) - 4)
+
+
+def _valid(boxes: torch.Tensor) -> torch.Tensor:
+    """Mask of the boxes regression did not collapse (side of at least 1 px, finite)."""
+    return torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] - boxes[:, 0] >= 1)
