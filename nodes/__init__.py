@@ -2,11 +2,20 @@
 
 from ..dreamid_core.runtime import check_onnxruntime
 from .encoder_nodes import DreamIDEncodeFace, DreamIDLoadIDEncoder
+from .identity_nodes import (
+    DreamIDApplyPerStageIdentity,
+    DreamIDLoadIdentity,
+    DreamIDSaveLearnedIdentity,
+    register_identity_folder,
+)
+from .learn_nodes import DreamIDLearnIdentity
 from .paths import register_folders
+from .region_nodes import DreamIDIdentityRegions
 from .scene_node import DreamIDScenePosition
 from .text_nodes import DreamIDInjectIDTokens, DreamIDSaveIDEmbedding
 
 register_folders()
+register_identity_folder()
 check_onnxruntime()  # warn at start-up, with the fix, if onnxruntime and onnxruntime-gpu clash
 
 NODE_CLASS_MAPPINGS = {
@@ -15,6 +24,11 @@ NODE_CLASS_MAPPINGS = {
     "DreamID_InjectIDTokens": DreamIDInjectIDTokens,
     "DreamID_SaveIDEmbedding": DreamIDSaveIDEmbedding,
     "DreamID_ScenePosition": DreamIDScenePosition,
+    "DreamID_LearnIdentity": DreamIDLearnIdentity,
+    "DreamID_ApplyPerStageIdentity": DreamIDApplyPerStageIdentity,
+    "DreamID_LoadIdentity": DreamIDLoadIdentity,
+    "DreamID_SaveLearnedIdentity": DreamIDSaveLearnedIdentity,
+    "DreamID_IdentityRegions": DreamIDIdentityRegions,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,4 +37,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamID_InjectIDTokens": "DreamIdentity Prompt with ID (S*)",
     "DreamID_SaveIDEmbedding": "DreamIdentity Save ID as Embedding",
     "DreamID_ScenePosition": "DreamIdentity Scene Position (ControlNet)",
+    "DreamID_LearnIdentity": "DreamIdentity Learn Identity from Photos",
+    "DreamID_ApplyPerStageIdentity": "DreamIdentity Apply Per-Stage Identity",
+    "DreamID_LoadIdentity": "DreamIdentity Load Identity",
+    "DreamID_SaveLearnedIdentity": "DreamIdentity Save Learned Identity",
+    "DreamID_IdentityRegions": "DreamIdentity People in Regions",
 }
