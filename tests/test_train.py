@@ -692,3 +692,22 @@ def test_resume_tolerates_a_torn_metrics_line(cfg, reference, tmp_path):
     assert resumed.step == 20 and resumed.losses == reference.losses[10:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 21))
+
+
+# -- a launcher whose processes would train independently (issue 8 item 9) -----------------------------------
+
+def test_torchrun_without_the_cpu_flag_is_stopped(cfg, tmp_path):
+    """A real 2-process torchrun on CPU: accelerate gives each process num_processes 1, so both would train
+    the same folder independently; both stop with the command that works, before writing anything."""
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    run = tmp_path / "run"
+    env = subprocess_env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "training.train", "--config", str(cfg_path), "--output-dir", str(run), "--num-workers", "0",
+           "--report-to", "none", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m training.train") >= 2, \
+        proc.stderr[-3000:]
+    assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()

@@ -34,7 +34,7 @@ from dreamid_core import DreamIDError
 from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
 from .divergence import RUN_MECHANICS, TrainingDivergedError, check_finite, describe_samples
-from .launch import check_global_batch, global_batch, launch_command
+from .launch import check_global_batch, check_launch, global_batch, launch_command
 from .locking import RunLock
 from .setup import align_faces, build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
 from .step import diffusion_loss, step_generator
@@ -167,6 +167,7 @@ def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard" if flags.report_to == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    check_launch(accelerator.num_processes)  # several launched processes that accelerate sees as one each
     main = accelerator.is_main_process
     lock = RunLock(out) if main else contextlib.nullcontext()
     with lock:  # one trainer per run folder (the main process holds the lock for the whole run)
