@@ -58,6 +58,7 @@ class RunOptions:
     flip_p: float = 0.5
     gradient_checkpointing: bool = False
     log_every: int = 10
+    attn_terms: tuple[float, float, float] = (1.0, 1.0, 1.0)  # context, class, face weights inside the loss
 
 
 @dataclass
@@ -159,17 +160,19 @@ class IdentityLearner:
             m = resize_mask(masks, probs.shape[2]).to(probs.device)  # [B, HW]
             for b, ti in enumerate(picks):
                 tt = self.templates[ti]
+                wc, wk, wf = self.opts.attn_terms
                 loss, _ = face_attention_loss(probs[b:b + 1], ref[b:b + 1], m[b:b + 1], tt.id_positions,
-                                              tt.class_positions, tt.pairs)
+                                              tt.class_positions, tt.pairs, context_weight=wc, class_weight=wk,
+                                              face_weight=wf)
                 losses.append(loss)
                 mass.append(face_mass(probs[b:b + 1].detach(), tt.id_positions, m[b:b + 1]))
         return torch.stack(losses).mean(), float(torch.cat(mass).mean())
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def step(self, step: int) -> StepStats:
-        cfg, opts, base = self.cfg, self.opts, self.base
-        gen = step_generator(cfg.seed, step)
+    def draw(self, gen: torch.Generator):
+        """One batch from ``gen``: (latents, masks, template picks, timesteps, noisy latents, target)."""
+        opts, base = self.opts, self.base
         latents, masks = self.photos.sample(gen, opts.batch_size, scale_jitter=opts.scale_jitter, flip_p=opts.flip_p,
                                             augment=opts.augment)  # [B, C, h, w], [B, h, w]
         picks = torch.randint(0, len(self.templates), (opts.batch_size,), generator=gen).tolist()
@@ -185,6 +188,11 @@ class IdentityLearner:
         else:
             raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported (epsilon or "
                              "v_prediction)")
+        return latents, masks, picks, timesteps, noisy, target
+
+    def step(self, step: int) -> StepStats:
+        cfg = self.cfg
+        latents, masks, picks, timesteps, noisy, target = self.draw(step_generator(cfg.seed, step))
         prompts = [self.templates[i].prompt for i in picks]
         use_attn = cfg.attn_weight > 0
         ref_maps = None
@@ -211,13 +219,37 @@ class IdentityLearner:
         self.scaler.update()
         return StepStats(loss=loss.item(), mse=mse.item(), attn=attn.item(), face_mass=mass)
 
+    @torch.no_grad()
+    def probe(self, draws: int = 4, seed: int = 1_000_003) -> StepStats:
+        """Diffusion MSE, attention loss and identity face mass of the current tokens on ``draws`` fixed
+        batches, the same for every call and run: how far learning got, through the same processor.
+        ``loss`` is ``mse + attn_weight * attn``."""
+        mses, attns, masses = [], [], []
+        for i in range(draws):
+            _, masks, picks, timesteps, noisy, target = self.draw(step_generator(seed, i))
+            with self.state.record() as recs:
+                ref_ctx, ref_pooled = self._encode([self.templates[j].reference for j in picks], None)
+                self.unet(noisy, timesteps, ref_ctx, ref_pooled)
+                ref_maps = list(recs)
+            context, pooled, kv = self.contexts([self.templates[j].prompt for j in picks], timesteps)
+            with self.state.contexts(*kv) if kv is not None else nullcontext(), self.state.record() as recs:
+                pred = self.unet(noisy, timesteps, context, pooled)
+                maps = list(recs)
+            mses.append(F.mse_loss(pred.float(), target.float()).item())
+            attn, mass = self.attention_term(maps, ref_maps, masks, picks)
+            attns.append(attn.item())
+            masses.append(mass)
+        mse, attn = sum(mses) / draws, sum(attns) / draws
+        return StepStats(loss=mse + self.cfg.attn_weight * attn, mse=mse, attn=attn, face_mass=sum(masses) / draws)
+
     # -- the run ------------------------------------------------------------------------------------
 
     def identity(self) -> LearnedIdentity:
         tensors = {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.params.items()}
         return LearnedIdentity(self.cfg, tensors)
 
-    def run(self, callback: Callable[[int, StepStats], None] | None = None) -> LearnResult:
+    def run(self, callback: Callable[[int, StepStats], None] | None = None, *, close: bool = True) -> LearnResult:
+        """All ``cfg.steps`` steps; ``close`` False keeps the processors for :meth:`probe` (call :meth:`close`)."""
         history: list[StepStats] = []
         t0 = time.perf_counter()
         try:
@@ -229,7 +261,10 @@ class IdentityLearner:
                 if self.opts.log_every and (step + 1) % self.opts.log_every == 0:
                     logger.info("step %d/%d: loss %.5f (mse %.5f, attention %.4f)", step + 1, self.cfg.steps,
                                 stats.loss, stats.mse, stats.attn)
-        finally:
+        except BaseException:
+            self.close()
+            raise
+        if close:
             self.close()
         return LearnResult(self.identity(), history, time.perf_counter() - t0)
 
