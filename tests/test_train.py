@@ -711,3 +711,43 @@ def test_torchrun_without_the_cpu_flag_is_stopped(cfg, tmp_path):
     assert proc.stderr.count("ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m training.train") >= 2, \
         proc.stderr[-3000:]
     assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()
+
+
+# -- model families (issue 8 item 11) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pipeline,component", [("StableDiffusion3Pipeline", "transformer"),
+                                                ("FluxPipeline", "transformer")])
+def test_an_unsupported_model_family_is_named_with_the_supported_ones(tmp_path, pipeline, component):
+    from dreamid_core import ModelFilesError
+    from training.models import load_base_model
+
+    folder = tmp_path / "model"
+    (folder / component).mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, component: ["diffusers", "X"],
+                                                         "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(ModelFilesError, match=f"is a {pipeline} model .*sd1 .*sd2 .*sdxl"):
+        load_base_model(folder)
+    with pytest.raises(ConfigError, match="SD3, Flux"):
+        ExperimentConfig(base_model=str(folder), family="sd3", random_backbone=True)
+
+
+def test_resolution_defaults_to_the_family_native_size(setup_root, tmp_path):
+    sd2 = make_setup(setup_root, resolution=None)
+    sdxl = make_setup(setup_root, family="sdxl", resolution=None)
+    assert sd2.resolution is None and sd2.resolved().resolution == 512
+    assert sdxl.resolved().resolution == 1024
+    assert sdxl.replace(resolution=256).resolved().resolution == 256  # an explicit value is kept
+    result = train(sd2.replace(recon_fraction=0.0), flags(tmp_path / "run", stop_after_step=0))
+    assert result.step == 0 and ExperimentConfig.load(tmp_path / "run" / "config.json").resolution == 512
+
+
+def test_shipped_configs_for_each_family():
+    configs = {p.name: ExperimentConfig.load(p) for p in sorted((REPO / "training" / "configs").glob("*.json"))}
+    assert set(configs) >= {"sd15_paper.json", "sd21_base_paper.json", "sdxl_base_paper.json"}
+    from training.launch import global_batch
+
+    for name, shipped in configs.items():
+        assert (shipped.lr, shipped.reg_weight, shipped.num_tokens) == (5e-5, 1e-4, 2), name
+        assert global_batch(8, shipped.batch_size, shipped.gradient_accumulation_steps) == 64, name  # 8 GPUs
+    assert configs["sdxl_base_paper.json"].resolution == 1024
+    assert configs["sd15_paper.json"].resolution == configs["sd21_base_paper.json"].resolution == 512

@@ -72,7 +72,7 @@ class ExperimentConfig:
     recon_dir: str | None = None  # folder of face photos (FFHQ-style), searched recursively
     edit_manifest: str | None = None  # JSONL written by training/build_dataset.py
     recon_fraction: float = 0.5  # share of samples from recon_dir; the rest from edit_manifest
-    resolution: int = 512
+    resolution: int | None = None  # px; None = the family's native size (512 SD1/SD2-base, 1024 SDXL)
     prompt_templates: tuple[str, ...] = DEFAULT_TEMPLATES  # for recon photos; each contains the trigger
     detector: str = "mtcnn"  # face detector for aligning recon photos (dreamid_core.make_detector)
     min_face_size: int = 64  # px, short side of the detected face box; smaller faces are skipped
@@ -95,12 +95,13 @@ class ExperimentConfig:
             return ConfigError(f"ExperimentConfig.{name} = {getattr(self, name)!r}: {hint}")
 
         if self.family is not None and self.family not in ("sd1", "sd2", "sdxl"):
-            raise bad("family", "use 'sd1', 'sd2', 'sdxl' or null (detect)")
+            raise bad("family", "use 'sd1', 'sd2', 'sdxl' or null (detect); SD3, Flux and other transformer "
+                                "models are not supported")
         for name in ("num_tokens", "hidden_dim", "batch_size", "gradient_accumulation_steps", "max_steps",
-                     "resolution", "checkpoint_every"):
+                     "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, "must be >= 1")
-        if self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise bad("resolution", "must be a multiple of 8 (the VAE downsamples by 8)")
         if not self.lr > 0:
             raise bad("lr", "must be > 0 (5e-5 in the paper)")
@@ -140,6 +141,16 @@ class ExperimentConfig:
         if self.backbone_path is not None and self.random_backbone:
             raise ConfigError(f"ExperimentConfig has backbone_path {self.backbone_path!r} and random_backbone: "
                               "true; choose one")
+
+    def resolved(self) -> ExperimentConfig:
+        """This config with ``resolution`` set: the family's native size when null (reads the base
+        model's config files, no weights)."""
+        if self.resolution is not None:
+            return self
+        from .models import DEFAULT_RESOLUTION, base_family
+
+        family = base_family(self.base_model, family=self.family, config=self.base_config)
+        return self.replace(resolution=DEFAULT_RESOLUTION[family])
 
     def check_data(self) -> None:
         """The data fields agree with each other (called before training, not on every load)."""

@@ -19,6 +19,12 @@ from dreamid_core import MissingDependencyError, ModelFilesError
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+SUPPORTED = "sd1 (Stable Diffusion 1.x), sd2 (2.x, 2.1-base in the paper), sdxl (SDXL base 1.0)"
+#: training resolution when the config leaves ``resolution`` null: the family's native size
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+_SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                   "StableDiffusionXLInpaintPipeline")
 
 
 def _diffusers():
@@ -82,10 +88,27 @@ class BaseModel:
                                          requires_safety_checker=False)
 
 
-def detect_family(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    if "XL" in index.get("_class_name", ""):
+def detect_family(folder: str | Path) -> str:
+    """``sd1`` | ``sd2`` | ``sdxl`` from a diffusers folder's config files; anything else (SD3, Flux, a
+    video model) is refused with the list of supported families."""
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelFilesError(f"{folder} has no model_index.json: not a diffusers folder. Expected unet/, vae/, "
+                              "text_encoder/, tokenizer/, scheduler/ and model_index.json of one of: " + SUPPORTED)
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFilesError(f"{index_path} is not valid JSON ({exc})") from exc
+    name = index.get("_class_name", "")
+    if name in _SDXL_PIPELINES:
         return "sdxl"
+    if name not in _SD_PIPELINES or not (folder / "text_encoder" / "config.json").is_file() \
+            or not (folder / "unet").is_dir():
+        raise ModelFilesError(f"{folder} is a {name or 'unnamed'} model (model_index.json, components "
+                              f"{sorted(k for k in index if not k.startswith('_'))}); DreamIdentity trains only on "
+                              f"UNet + CLIP text encoder models: {SUPPORTED}. Use such a base model, or set family "
+                              "explicitly if this folder is one of them with a renamed pipeline class.")
     te = json.loads((folder / "text_encoder" / "config.json").read_text())
     width = te.get("hidden_size")
     if width == 768:
@@ -100,6 +123,8 @@ def load_base_model(path: str | Path, *, family: str | None = None, config: str 
                     dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load and freeze the base model's UNet, VAE, text encoder(s), tokenizer(s), noise scheduler."""
     d = _diffusers()
+    if family is not None and family not in FAMILIES:
+        raise ModelFilesError(f"family {family!r} is not supported; choose one of {SUPPORTED}")
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelFilesError(f"base model not found: {path}. Give a local diffusers folder (with "
@@ -115,15 +140,10 @@ def load_base_model(path: str | Path, *, family: str | None = None, config: str 
         cls = d.StableDiffusionXLPipeline if fam == "sdxl" else d.StableDiffusionPipeline
         pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True)
     else:
-        if not (path / "model_index.json").is_file():
-            raise ModelFilesError(f"{path} has no model_index.json: not a diffusers folder. Expected unet/, vae/, "
-                                  "text_encoder/, tokenizer/, scheduler/ and model_index.json.")
         fam = family or detect_family(path)
         cls = d.StableDiffusionXLPipeline if fam == "sdxl" else d.StableDiffusionPipeline
         kw = {} if fam == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
         pipe = cls.from_pretrained(str(path), local_files_only=True, **kw)
-    if fam not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {fam!r}")
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if fam == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if fam == "sdxl" else [])
     pipe.to(dtype=dtype)
@@ -132,3 +152,19 @@ def load_base_model(path: str | Path, *, family: str | None = None, config: str 
                      noise_scheduler=noise, source=str(path))
     logger.info("loaded %s base model from %s (%s prediction)", fam, path, base.prediction_type)
     return base.freeze()
+
+
+def base_family(base_model: str | Path, *, family: str | None = None, config: str | Path | None = None) -> str:
+    """The family of a base model from its config files only (no weights loaded)."""
+    if family is not None:
+        return family
+    path = Path(base_model).expanduser()
+    if path.is_file():
+        if config is None:
+            raise ModelFilesError(f"{path.name} is a single-file checkpoint: also give base_config, a local diffusers "
+                                  "folder of the same architecture (no hub is reachable).")
+        return detect_family(Path(config))
+    if not path.exists():
+        raise ModelFilesError(f"base model not found: {path}. Give a local diffusers folder (with model_index.json) "
+                              "or a .safetensors checkpoint plus base_config.")
+    return detect_family(path)

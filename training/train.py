@@ -161,6 +161,7 @@ def train(cfg: ExperimentConfig, flags: RunFlags) -> TrainResult:
     if flags.max_steps is not None:
         cfg = cfg.replace(max_steps=flags.max_steps)
     cfg.check_data()
+    cfg = cfg.resolved()  # resolution null -> the family's native size, before comparing with a checkpoint
     out = Path(flags.output_dir)
     accelerator = accelerate.Accelerator(
         kwargs_handlers=[process_group_kwargs(flags)],
