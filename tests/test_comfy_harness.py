@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_frontend import dismiss_notices, frontend_version, load_in_app, open_app
 from comfy_server import PromptRejected
 from comfy_tiny import (
     SD2_CONTEXT_WIDTH,
@@ -243,39 +244,20 @@ def ui_workflow(hint: str, extra_type: str | None = None) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def open_app(page, url: str) -> float:
-    t0 = time.monotonic()
-    page.goto(url + "/")
-    page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady !== false",
-                           timeout=60_000)
-    return time.monotonic() - t0
-
-
-def load_in_app(page, workflow: dict) -> dict:
-    """loadGraphData, then report nodes with errors and whether a missing-nodes dialog is up."""
-    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
-    page.wait_for_timeout(300)
-    return page.evaluate("""() => ({
-        errors: app.graph.nodes.filter(n => n.has_errors).map(n => n.type),
-        types: app.graph.nodes.map(n => n.type),
-        missingDialog: [...document.querySelectorAll('.p-dialog')].some(
-            d => /missing/i.test(d.innerText) && /node/i.test(d.innerText)),
-    })""")
-
-
 @pytest.mark.comfyui
 @pytest.mark.browser
 @pytest.mark.slow
 def test_browser_loads_workflow_and_converter_matches_frontend(comfy_server, server_models, browser_page):
     page = browser_page
-    print(f"frontend ready in {open_app(page, comfy_server.url):.1f} s")
+    ready_s = open_app(page, comfy_server.url)
+    print(f"frontend {frontend_version(page)} ready in {ready_s:.1f} s")
     workflow = ui_workflow(server_models["hint"])
     t0 = time.monotonic()
     state = load_in_app(page, workflow)
     print(f"workflow loaded in {time.monotonic() - t0:.1f} s")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfy-harness-workflow.png"))
-    assert state["errors"] == [] and not state["missingDialog"], state
+    assert state["errors"] == [] and state["notices"] == [] and not state["missing_nodes"], state
     frontend = page.evaluate("async () => (await app.graphToPrompt()).output")
     reserialised = page.evaluate("() => app.graph.serialize()")
     (ARTIFACTS / "comfy-harness-workflow.json").write_text(json.dumps(reserialised, indent=1))
@@ -297,12 +279,18 @@ def test_browser_loads_workflow_and_converter_matches_frontend(comfy_server, ser
 @pytest.mark.browser
 @pytest.mark.slow
 def test_browser_flags_missing_node_types(comfy_server, server_models, browser_page):
-    """Negative control for the check above: an unknown type shows up as an error node + dialog."""
+    """Negative control for the check above: an unknown type shows up as an error node and the user
+    is told, by name, that it is missing (a dialog on frontend 1.2x, the error overlay on 1.4x), after
+    the same settle time the check above waits."""
     page = browser_page
     if not page.url.startswith(comfy_server.url):
         open_app(page, comfy_server.url)
+    dismiss_notices(page)
     state = load_in_app(page, ui_workflow(server_models["hint"], extra_type="DreamID_NoSuchNode"))
+    ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfy-harness-missing-node.png"))
-    page.keyboard.press("Escape")
-    assert "DreamID_NoSuchNode" in state["errors"] and state["missingDialog"], state
+    dismiss_notices(page)
+    print(f"frontend {frontend_version(page)} says: {state['missing_text']!r}")
+    assert state["errors"] == ["DreamID_NoSuchNode"], state
+    assert state["missing_nodes"] and "DreamID_NoSuchNode" in state["missing_text"], state
     assert nodes_of(ui_to_api(ui_workflow(server_models["hint"]), comfy_server.object_info()), "KSampler") == ["9"]

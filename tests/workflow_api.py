@@ -197,6 +197,17 @@ def use_tiny_clip(prompt: dict, kind: str = "sd2", width: int = 0, init_seed: in
     return made
 
 
-def strip_meta(prompt: dict) -> dict:
-    """``{id: (class_type, inputs)}`` for comparing two prompts (titles and key order ignored)."""
-    return {str(k): (v["class_type"], copy.deepcopy(v["inputs"])) for k, v in prompt.items()}
+def strip_meta(prompt: dict, object_info: dict | None = None) -> dict:
+    """``{id: (class_type, inputs)}`` for comparing two prompts (titles and key order ignored).
+    With ``object_info``, only the inputs a node's definition declares are kept: what the server
+    reads. Frontends differ in the display-only widgets their extensions add and send along
+    (1.27 sends PreviewAny's ``preview`` text, 1.49 does not); the server ignores those."""
+    out = {}
+    for k, v in prompt.items():
+        inputs = copy.deepcopy(v["inputs"])
+        if object_info is not None and v["class_type"] in object_info:
+            spec = object_info[v["class_type"]].get("input", {})
+            declared = {name for section in ("required", "optional") for name in (spec.get(section) or {})}
+            inputs = {name: value for name, value in inputs.items() if name in declared}
+        out[str(k)] = (v["class_type"], inputs)
+    return out
