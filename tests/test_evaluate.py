@@ -172,3 +172,96 @@ def test_encoder_for_another_base_model_is_refused(models):
         ev.EncoderIdentity(encoder, {"clip_h": 1024})
     parts = ev.EncoderIdentity(encoder, {"clip_h": 32}).parts(torch.rand(3, 112, 112))
     assert parts["clip_h"].shape == (2, 32) and np.isfinite(parts["clip_h"].numpy()).all()
+
+
+# -- resumable, shardable, every row in the grid (issue 8 item 10) -------------------------------------------
+
+class _CountingBatch(_PhotoBatch):
+    """_PhotoBatch that can die (like a kill) at its ``die_at``-th call."""
+
+    def __init__(self, photo, die_at=None):
+        super().__init__(photo)
+        self.die_at = die_at
+
+    def batch(self, prompts, seeds, parts=None, k=2):
+        if self.die_at is not None and len(self.calls) == self.die_at:
+            raise KeyboardInterrupt("killed")
+        return super().batch(prompts, seeds, parts=parts, k=k)
+
+
+def _protocol(models, faces_dir):
+    pipeline = FacePipeline(make_detector("mtcnn"), retry=False)
+    faces, _ = ev.load_test_faces(faces_dir, pipeline)
+    source = ev.EncoderIdentity(ev.load_encoder(models["encoder"]), {"clip_h": TINY_TEXT_WIDTH})
+    return dict(faces=faces, identity_source=source, pipeline=pipeline, identity=IdentityScorer(models["arcface"]),
+                clip=ClipScorer(models["clip"]))
+
+
+@needs_photos
+def test_evaluation_resumes_and_shards_without_redoing_units(tmp_path, models, faces_dir):
+    kw = _protocol(models, faces_dir)
+    prompts = ev.load_prompts(_write(tmp_path, PROMPTS))
+    photo = face_photo("tom", size=160)
+    whole = ev.evaluate(ev.EvalConfig(out=tmp_path / "whole", images_per_prompt=2), prompts=prompts,
+                        generator=_CountingBatch(photo), **kw)
+    assert len(whole["results"]) == 2 * 2 * 2
+    # killed after its first (face, prompt) unit, then rerun: only the other three are generated
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(ev.EvalConfig(out=out, images_per_prompt=2), prompts=prompts, generator=_CountingBatch(photo, 1),
+                    **kw)
+    again = _CountingBatch(photo)
+    resumed = ev.evaluate(ev.EvalConfig(out=out, images_per_prompt=2), prompts=prompts, generator=again, **kw)
+    assert len(again.calls) == 3 and resumed["results"] == whole["results"]
+    assert _read_csv(out / "summary.csv") == _read_csv(tmp_path / "whole" / "summary.csv")
+    # two shards: the first leaves the summary to the second; every unit is drawn once in all
+    out = tmp_path / "sharded"
+    gens = [_CountingBatch(photo), _CountingBatch(photo)]
+    first = ev.evaluate(ev.EvalConfig(out=out, images_per_prompt=2, shard=0, num_shards=2), prompts=prompts,
+                        generator=gens[0], **kw)
+    assert first["rows"] is None and len(first["pending"]) == 4 - len(gens[0].calls) and not (out / "summary.md").exists()
+    second = ev.evaluate(ev.EvalConfig(out=out, images_per_prompt=2, shard=1, num_shards=2), prompts=prompts,
+                         generator=gens[1], **kw)
+    assert len(gens[0].calls) + len(gens[1].calls) == 4 and second["results"] == whole["results"]
+    assert (out / "summary.md").is_file()
+    with pytest.raises(ValueError, match="other settings .*seed"):
+        ev.evaluate(ev.EvalConfig(out=out, images_per_prompt=2, seed=1), prompts=prompts, generator=gens[1], **kw)
+
+
+@needs_photos
+def test_grid_pages_hold_every_row(tmp_path, models, faces_dir):
+    kw = _protocol(models, faces_dir)
+    prompts = ev.load_prompts(_write(tmp_path, PROMPTS))
+    ev.evaluate(ev.EvalConfig(out=tmp_path / "eval", images_per_prompt=2, grid_rows=3), prompts=prompts,
+                generator=_CountingBatch(face_photo("tom", size=160)), **kw)
+    rows_of = {"grid.png": 3, "grid-002.png": 1}  # 2 faces x 2 prompts = 4 rows, 3 per page
+    for name, rows in rows_of.items():
+        with Image.open(tmp_path / "eval" / name) as page:
+            assert page.size == (3 * 130 + 2, rows * (128 + 14 + 2) + 2), name
+    assert "grid.png, grid-002.png" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_embedding_formats_of_other_tools(tmp_path):
+    from safetensors.torch import save_file
+
+    from dreamid_core import WeightFormatError
+
+    widths = {"clip_h": TINY_TEXT_WIDTH}
+    vec = torch.randn(2, TINY_TEXT_WIDTH)
+    save_file({"<tom>": vec[0].clone()}, str(tmp_path / "learned_embeds.safetensors"))  # diffusers, one vector
+    torch.save({"<tom>": vec}, tmp_path / "learned_embeds.bin")  # diffusers .bin, two vectors
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vec}, "name": "tom",
+                "step": 3000, "sd_checkpoint": None, "sd_checkpoint_name": None}, tmp_path / "tom.pt")  # A1111
+    one = ev.EmbeddingIdentity(tmp_path / "learned_embeds.safetensors", "sd2", widths)
+    assert one.k == 1 and torch.equal(one.parts(None)["clip_h"], vec[:1])
+    for name in ("learned_embeds.bin", "tom.pt"):
+        source = ev.EmbeddingIdentity(tmp_path / name, "sd2", widths)
+        assert source.k == 2 and torch.equal(source.parts(None)["clip_h"], vec), name
+
+    class NotATensor:  # a pickle that would run code on load is refused, never executed
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"string_to_param": {"*": NotATensor()}}, tmp_path / "evil.pt")
+    with pytest.raises(WeightFormatError, match="weights_only=True"):
+        ev.EmbeddingIdentity(tmp_path / "evil.pt", "sd2", widths)

@@ -11,13 +11,21 @@ the prompt. S* comes from the encoder and is injected with :func:`training.text.
 - face similarity: identity cosine between the input face and the face found in each output;
   outputs without a face are reported as the no-face rate, not counted as 0.
 
-``--embedding FILE`` evaluates a plain textual-inversion ``.safetensors`` (``emb_params``, or
-``clip_l`` + ``clip_g`` for SDXL) on the same protocol, for baselines. It is one fixed identity,
+``--embedding FILE`` evaluates a plain textual-inversion file (this pack's ``.safetensors``, diffusers
+``learned_embeds``, A1111 ``.pt``; :mod:`training.eval_identity`) on the same protocol, for baselines. It is one fixed identity,
 so the SAME S* is used for every test face (face similarity then measures how close each test face
 is to that one identity: meaningful with a single test face, the one the embedding was made from).
 
-Writes ``summary.md``, ``summary.csv`` (per prompt and overall), ``images.csv`` (per image),
-``grid.png`` and the images under ``images/``.
+The work is split into (test face, prompt) units, each recorded in ``eval/parts/`` once its images
+are saved: a killed evaluation continues where it stopped, and ``--shard i --num-shards n`` splits the
+units over processes (``--device auto`` puts shard i on GPU i mod n). The shard that finds every unit
+done writes ``summary.md``, ``summary.csv`` (per prompt and overall), ``images.csv`` (per image) and
+the grid pages (``grid.png``, ``grid-002.png``, ...: every row, ``--grid-rows`` a page); the images
+are under ``images/``.
+
+Where things plug in: S* comes from an identity source (:func:`identity_source`,
+:mod:`training.eval_identity`); one (face, prompt) unit is :func:`_run_unit`; the tables are
+:func:`write_summary`.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +45,14 @@ from dreamid_core import (
     FaceNotFoundError,
     FacePipeline,
     ImageInputError,
-    IncompatibleEncoderError,
-    WeightFormatError,
     detector_names,
     load_encoder,
     make_detector,
 )
+from dreamid_core.fileio import atomic_write
 from dreamid_core.images import load_image
 
+from .eval_identity import EmbeddingIdentity, EncoderIdentity
 from .eval_report import (
     ImageResult,
     markdown_table,
@@ -54,12 +62,16 @@ from .eval_report import (
 )
 from .generation import item_seed
 from .grid import image_grid
-from .text import PART_FOR_ENCODER
+from .jsonl import StepStore, check_shard
 
 logger = logging.getLogger("training.evaluate")
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EXAMPLE_PROMPTS = Path(__file__).resolve().parent / "data" / "eval_prompts_example.txt"
+SETTINGS_FILE = "eval_settings.json"
+
+__all__ = ["EmbeddingIdentity", "EncoderIdentity", "EvalConfig", "evaluate", "identity_source", "load_encoder",
+           "load_prompts", "load_test_faces", "main", "run"]
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,21 @@ class EvalConfig:
     trigger: str = "S*"
     neutral: str = "a person"  # replaces the trigger in the text CLIP scores
     scale: float = 1.0  # S* strength
-    grid_rows: int = 16  # rows of grid.png (one per face and prompt)
+    grid_rows: int = 16  # rows per grid page (one per face and prompt): grid.png, grid-002.png, ...
+    shard: int = 0  # this process's share of the (face, prompt) units
+    num_shards: int = 1
 
     def __post_init__(self) -> None:
         if self.images_per_prompt < 1:
             raise ValueError(f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
+        if self.grid_rows < 1:
+            raise ValueError(f"--grid-rows must be >= 1, got {self.grid_rows}")
+        check_shard(self.shard, self.num_shards)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the numbers (not where they go, nor how the work is split)."""
+        return {"images_per_prompt": self.images_per_prompt, "seed": self.seed, "trigger": self.trigger,
+                "neutral": self.neutral, "scale": self.scale}
 
 
 def load_prompts(path: str | Path, trigger: str = "S*") -> list[str]:
@@ -115,121 +137,140 @@ def load_test_faces(folder: str | Path, pipeline: FacePipeline) -> tuple[dict[st
     return faces, skipped
 
 
-class EncoderIdentity:
-    """S* of each test face from a DreamIdentity encoder."""
-
-    fixed = False
-
-    def __init__(self, encoder: Any, widths: dict[str, int], scale: float = 1.0) -> None:
-        if dict(encoder.config.widths) != dict(widths):
-            raise IncompatibleEncoderError(f"the encoder makes S* for {dict(encoder.config.widths)} but the base model's "
-                                           f"text encoder(s) take {dict(widths)}; evaluate it on the base model it "
-                                           f"was trained for (target {encoder.config.target!r})")
-        self.encoder, self.scale = encoder, scale
-        self.k = encoder.config.num_tokens
-
-    @torch.inference_mode()
-    def parts(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
-        p = next(self.encoder.parameters())
-        s = self.encoder.encode(crop[None].to(p.device, p.dtype), scale=self.scale)  # [k, out_dim]
-        return self.encoder.split(s)
-
-
-class EmbeddingIdentity:
-    """One textual-inversion embedding, used for every test face."""
-
-    fixed = True
-
-    def __init__(self, path: str | Path, family: str, widths: dict[str, int]) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"embedding not found: {path}")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightFormatError(f"{path.name} is not a readable safetensors file ({exc})") from exc
-        keys = PART_FOR_ENCODER[family]
-        if "emb_params" in tensors and len(keys) == 1:
-            parts = {keys[0]: tensors["emb_params"]}
-        elif all(k in tensors for k in keys):
-            parts = {k: tensors[k] for k in keys}
-        else:
-            want = "emb_params" if len(keys) == 1 else " and ".join(keys)
-            raise WeightFormatError(f"{path.name} holds {sorted(tensors)}; a {family} textual-inversion file holds "
-                                    f"{want} ([k, width] each)")
-        for key, t in parts.items():
-            if t.ndim != 2 or t.shape[1] != widths[key]:
-                raise IncompatibleEncoderError(f"{path.name}: {key} is {tuple(t.shape)} but the base model's {key} "
-                                               f"takes [k, {widths[key]}]; use an embedding made for this base model")
-        if len({t.shape[0] for t in parts.values()}) != 1:
-            raise WeightFormatError(f"{path.name}: its tensors disagree on k: {[tuple(t.shape) for t in parts.values()]}")
-        self._parts = {k: v.float() for k, v in parts.items()}
-        self.k = next(iter(parts.values())).shape[0]
-
-    def parts(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._parts
-
-
 def evaluate(cfg: EvalConfig, *, faces: dict[str, torch.Tensor], prompts: list[str], identity_source: Any,
              generator: Any, pipeline: FacePipeline, identity: Any, clip: Any,
              header: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the protocol and write every output. ``generator.batch(prompts, seeds, parts=, k=)`` draws
-    the images (:class:`training.generation.DiffusersGenerator`)."""
-    from PIL import Image
-
+    """Run this shard's (face, prompt) units that are not done yet, then, once every unit of every shard
+    is recorded, write the summary. ``generator.batch(prompts, seeds, parts=, k=)`` draws the images
+    (:class:`training.generation.DiffusersGenerator`). Returns ``{"rows", "results", "encode_ms",
+    "pending"}``; ``rows`` is None while other shards' units are pending."""
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    results: list[ImageResult] = []
-    grid_rows, grid_labels = [], []
-    encode_ms = []
+    _check_settings(out, {**(header or {}), **cfg.settings(), "faces": sorted(faces), "prompts": prompts})
+    store = StepStore(out, "eval")
+    units = [(face, pi) for face in faces for pi in range(len(prompts))]  # face-major: the order of every table
+    done = store.records()
+    mine = [u for i, u in enumerate(units)  # round robin: balanced, and stable (the settings check fixes units)
+            if i % cfg.num_shards == cfg.shard and unit_key(*u) not in done]
+    encode_ms: dict[str, float] = {}
+    with store.writer(cfg.shard, cfg.num_shards) as writer:
+        for face_name, pi in mine:
+            crop = faces[face_name]
+            if face_name not in encode_ms:  # S* and the reference identity once per face
+                t0 = time.perf_counter()
+                parts = identity_source.parts(crop)  # {key: [k, D]}
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                encode_ms[face_name] = (time.perf_counter() - t0) * 1000
+                ref = identity.embed(crop[None])  # [1, D]
+            results = _run_unit(cfg, face_name, pi, prompts[pi], parts, ref, identity_source.k, generator=generator,
+                                pipeline=pipeline, identity=identity, clip=clip, out=out)
+            writer.append({"key": unit_key(face_name, pi), "results": [asdict(r) for r in results],
+                           "encode_ms": encode_ms[face_name]})
+    done = store.records()
+    pending = [unit_key(*u) for u in units if unit_key(*u) not in done]
+    if pending:
+        logger.info("shard %d/%d done; %d of %d (face, prompt) units are pending in other shards: the summary is "
+                    "written by the shard that finishes last (or rerun any shard)", cfg.shard, cfg.num_shards,
+                    len(pending), len(units))
+        return {"rows": None, "results": None, "encode_ms": list(encode_ms.values()), "pending": pending}
+    records = [done[unit_key(*u)] for u in units]
+    results = [ImageResult(**r) for rec in records for r in rec["results"]]
+    face_ms = {rec["key"].split("/")[0]: rec["encode_ms"] for rec in records}
+    rows = write_summary(cfg, out, results, faces=faces, prompts=prompts, identity_source=identity_source,
+                         encode_ms=list(face_ms.values()), header=header)
+    return {"rows": rows, "results": results, "encode_ms": list(face_ms.values()), "pending": []}
+
+
+def unit_key(face_name: str, prompt_index: int) -> str:
+    return f"{face_name}/{prompt_index:03d}"
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """A resumed (or other shard's) evaluation must compute the same thing as the one that began ``out``."""
+    import json
+
+    path = out / SETTINGS_FILE
+    text = json.dumps(settings, indent=1, sort_keys=True, default=str)
+    if path.is_file():
+        before = json.loads(path.read_text())
+        now = json.loads(text)
+        diff = {k: (before.get(k), now.get(k)) for k in set(before) | set(now) if before.get(k) != now.get(k)}
+        if diff:
+            raise ValueError(f"{out} holds an evaluation with other settings ({diff}); rerun with the same ones to "
+                             "continue it, or give another --out")
+        return
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def _run_unit(cfg: EvalConfig, face_name: str, pi: int, prompt: str, parts: dict[str, torch.Tensor],
+              ref: torch.Tensor, k: int, *, generator: Any, pipeline: FacePipeline, identity: Any, clip: Any,
+              out: Path) -> list[ImageResult]:
+    """One test face x one prompt: draw ``images_per_prompt`` images, save them, score them."""
     n = cfg.images_per_prompt
-    for face_name, crop in faces.items():
-        t0 = time.perf_counter()
-        parts = identity_source.parts(crop)  # {key: [k, D]}
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        encode_ms.append((time.perf_counter() - t0) * 1000)
-        ref = identity.embed(crop[None])  # [1, D]
-        for pi, prompt in enumerate(prompts):
-            seeds = [item_seed(cfg.seed, f"{face_name}/{pi}/{j}") for j in range(n)]
-            batch_parts = {k: v[None].expand(n, *v.shape) for k, v in parts.items()}  # [n, k, D]
-            images = generator.batch([prompt] * n, seeds, parts=batch_parts, k=identity_source.k)
-            clip_text = prompt.replace(cfg.trigger, cfg.neutral)
-            text_scores = clip.score(images, [clip_text]).tolist()
-            for j, (image, seed, ts) in enumerate(zip(images, seeds, text_scores, strict=True)):
-                rel = f"images/{face_name}/{pi:03d}-{j}.png"
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                image.save(out / rel)
-                try:
-                    found = pipeline.process_one(_rgb(image))
-                    sim = float((identity.embed(found.crop[None]) * ref).sum())
-                except FaceNotFoundError:
-                    sim = None
-                results.append(ImageResult(face=face_name, prompt_index=pi, prompt=prompt, seed=seed, image=rel,
-                                           text_alignment=float(ts), face_similarity=sim, face_found=sim is not None))
-            if len(grid_rows) < cfg.grid_rows:
-                face_img = Image.fromarray((crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-                grid_rows.append([face_img, *images])
-                grid_labels.append(f"{face_name}: {prompt}")
-            logger.info("%s | %s: CLIP %.4f, faces found %d/%d", face_name, prompt, sum(text_scores) / n,
-                        sum(r.face_found for r in results[-n:]), n)
+    seeds = [item_seed(cfg.seed, f"{face_name}/{pi}/{j}") for j in range(n)]
+    batch_parts = {key: v[None].expand(n, *v.shape) for key, v in parts.items()}  # [n, k, D]
+    images = generator.batch([prompt] * n, seeds, parts=batch_parts, k=k)
+    text_scores = clip.score(images, [prompt.replace(cfg.trigger, cfg.neutral)]).tolist()
+    results = []
+    for j, (image, seed, ts) in enumerate(zip(images, seeds, text_scores, strict=True)):
+        rel = f"images/{face_name}/{pi:03d}-{j}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / rel) as tmp:
+            image.save(tmp, format="PNG")
+        try:
+            found = pipeline.process_one(_rgb(image))
+            sim = float((identity.embed(found.crop[None]) * ref).sum())
+        except FaceNotFoundError:
+            sim = None
+        results.append(ImageResult(face=face_name, prompt_index=pi, prompt=prompt, seed=seed, image=rel,
+                                   text_alignment=float(ts), face_similarity=sim, face_found=sim is not None))
+    logger.info("%s | %s: CLIP %.4f, faces found %d/%d", face_name, prompt, sum(text_scores) / n,
+                sum(r.face_found for r in results), n)
+    return results
+
+
+def write_summary(cfg: EvalConfig, out: Path, results: list[ImageResult], *, faces: dict[str, torch.Tensor],
+                  prompts: list[str], identity_source: Any, encode_ms: list[float],
+                  header: dict[str, Any] | None) -> list[Any]:
+    """summary.md, summary.csv, images.csv and the grid pages, from every unit's results."""
     rows = summarize(results)
     overall = rows[-1]
-    head = {"test faces": len(faces), "prompts": len(prompts), "images per prompt": n,
+    pages = write_grids(cfg, out, results, faces)
+    head = {"test faces": len(faces), "prompts": len(prompts), "images per prompt": cfg.images_per_prompt,
             "identity": "textual-inversion embedding (the same for every face)" if identity_source.fixed
             else "DreamIdentity encoder", "S* encoding time (mean per face)": f"{sum(encode_ms) / len(encode_ms):.1f} ms",
-            "neutral phrase for CLIP": repr(cfg.neutral), **(header or {})}
+            "neutral phrase for CLIP": repr(cfg.neutral), "grid": ", ".join(p.name for p in pages), **(header or {})}
     (out / "summary.md").write_text("# DreamIdentity evaluation\n\n" + markdown_table(rows, head), encoding="utf-8")
     write_summary_csv(out / "summary.csv", rows)
     write_image_csv(out / "images.csv", results)
-    image_grid(grid_rows, grid_labels).save(out / "grid.png")
     logger.info("overall: text-alignment %.4f, face similarity %s, no-face rate %.1f%% (%d images) -> %s",
                 overall.text_alignment, "n/a" if overall.face_similarity is None else f"{overall.face_similarity:.4f}",
                 overall.no_face_rate * 100, overall.images, out / "summary.md")
-    return {"rows": rows, "results": results, "encode_ms": encode_ms}
+    return rows
+
+
+def write_grids(cfg: EvalConfig, out: Path, results: list[ImageResult], faces: dict[str, torch.Tensor]) -> list[Path]:
+    """Every (face, prompt) row, ``grid_rows`` rows a page: grid.png, then grid-002.png, grid-003.png, ..."""
+    from PIL import Image
+
+    by_unit: dict[tuple[str, int], list[ImageResult]] = {}
+    for r in results:
+        by_unit.setdefault((r.face, r.prompt_index), []).append(r)
+    units = list(by_unit.items())
+    pages = []
+    for start in range(0, len(units), cfg.grid_rows):
+        rows, labels = [], []
+        for (face_name, _), rs in units[start:start + cfg.grid_rows]:
+            crop = faces[face_name]
+            face_img = Image.fromarray((crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+            rows.append([face_img, *(Image.open(out / r.image) for r in rs)])
+            labels.append(f"{face_name}: {rs[0].prompt}")
+        page = out / ("grid.png" if not pages else f"grid-{len(pages) + 1:03d}.png")
+        image_grid(rows, labels).save(page)
+        pages.append(page)
+    return pages
 
 
 def _rgb(image: Any) -> Any:
@@ -246,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors")
-    who.add_argument("--embedding", type=Path, help="textual-inversion .safetensors (one fixed identity, a baseline)")
+    who.add_argument("--embedding", type=Path, help="textual-inversion file (one fixed identity, a baseline): this "
+                                                    "pack's .safetensors, diffusers learned_embeds (.safetensors/.bin) "
+                                                    "or A1111 .pt (read with weights_only=True)")
     p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
     p.add_argument("--faces", type=Path, required=True, help="folder of test photos, one identity per photo")
     p.add_argument("--prompts", type=Path, default=EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
@@ -265,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--grid-rows", type=int, default=16)
+    p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page (grid.png, grid-002.png, ...)")
+    p.add_argument("--shard", type=int, default=0, help="this process's shard of the (face, prompt) units")
+    p.add_argument("--num-shards", type=int, default=1, help="processes sharing the evaluation (e.g. one per GPU; "
+                                                             "the last to finish writes the summary)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--detector", default="mtcnn", choices=detector_names())
@@ -283,8 +329,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .models import load_base_model
 
     cfg = EvalConfig(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, trigger=args.trigger,
-                     neutral=args.neutral, scale=args.scale, grid_rows=args.grid_rows)
-    device = resolve_device(args.device)
+                     neutral=args.neutral, scale=args.scale, grid_rows=args.grid_rows, shard=args.shard,
+                     num_shards=args.num_shards)
+    device = resolve_device(args.device, shard=args.shard)
     prompts = load_prompts(args.prompts, args.trigger)
     identity = IdentityScorer(args.face_model, device=device, provider=args.provider).load()
     clip = ClipScorer(args.clip_model, device=device).load()
@@ -293,13 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     faces, skipped = load_test_faces(args.faces, pipeline)
     base = load_base_model(args.base_model, family=args.family, config=args.base_config,
                            dtype=resolve_dtype(args.dtype, device)).to(device)
-    if args.encoder is not None:
-        source = EncoderIdentity(load_encoder(args.encoder, backbone_path=args.backbone, device=device), base.widths,
-                                 args.scale)
-        what = str(args.encoder)
-    else:
-        source = EmbeddingIdentity(args.embedding, base.family, base.widths)
-        what = str(args.embedding)
+    source, what = identity_source(args, base, device)
     generator = DiffusersGenerator(base, steps=args.steps, guidance=args.guidance, height=args.height,
                                    width=args.width, negative_prompt=args.negative_prompt, trigger=args.trigger,
                                    device=device)
@@ -310,6 +351,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         header["test photos skipped (no face / unreadable)"] = ", ".join(skipped)
     return evaluate(cfg, faces=faces, prompts=prompts, identity_source=source, generator=generator, pipeline=pipeline,
                     identity=identity, clip=clip, header=header)
+
+
+def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -> tuple[Any, str]:
+    """The S* provider the command line asks for (see :mod:`training.eval_identity`), and its label."""
+    if args.encoder is not None:
+        encoder = load_encoder(args.encoder, backbone_path=args.backbone, device=device)
+        return EncoderIdentity(encoder, base.widths, args.scale), str(args.encoder)
+    return EmbeddingIdentity(args.embedding, base.family, base.widths), str(args.embedding)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,9 +35,12 @@ def item_seed(base_seed: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", *, shard: int = 0) -> torch.device:
+    """``auto``: shard i on ``cuda:(i mod number of GPUs)`` (one process per GPU), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", shard % torch.cuda.device_count())
+        return torch.device("cpu")
     return torch.device(name)
 
 
