@@ -48,17 +48,19 @@ class PhotoLatents:
         return self.latents.shape[0]
 
     def sample(self, generator: torch.Generator, batch: int, *, scale_jitter: float = 0.1, flip_p: float = 0.5,
-               augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` augmented latents ``[B, C, h, w]`` and their face masks ``[B, h, w]``."""
+               augment: bool = True, masks: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``batch`` augmented latents ``[B, C, h, w]`` and their face masks ``[B, h, w]`` (None when
+        ``masks`` is False: plain textual inversion does not need them)."""
         n, _, h, w = self.latents.shape
         picks = torch.randint(0, n, (batch,), generator=generator).tolist()
-        lats, masks = [], []
+        lats, out_masks = [], []
         for i in picks:
             crop = (random_crop(generator, w, h, scale_jitter=scale_jitter, flip_p=flip_p, keep_box=self.boxes[i])
                     if augment else Crop(0.0, 0.0, w, h, w, h))
             lats.append(crop.apply(self.latents[i]))  # [C, h, w]
-            masks.append(face_mask(crop.map_box(self.boxes[i]), crop.map_points(self.landmarks[i]), h, w))
-        return torch.stack(lats), torch.stack(masks)
+            if masks:
+                out_masks.append(face_mask(crop.map_box(self.boxes[i]), crop.map_points(self.landmarks[i]), h, w))
+        return torch.stack(lats), torch.stack(out_masks) if masks else None
 
 
 def photo_paths(inputs: Sequence[str | Path]) -> list[Path]:

@@ -170,11 +170,11 @@ class IdentityLearner:
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def draw(self, gen: torch.Generator):
+    def draw(self, gen: torch.Generator, masks: bool = True):
         """One batch from ``gen``: (latents, masks, template picks, timesteps, noisy latents, target)."""
         opts, base = self.opts, self.base
         latents, masks = self.photos.sample(gen, opts.batch_size, scale_jitter=opts.scale_jitter, flip_p=opts.flip_p,
-                                            augment=opts.augment)  # [B, C, h, w], [B, h, w]
+                                            augment=opts.augment, masks=masks)  # [B, C, h, w], [B, h, w]
         picks = torch.randint(0, len(self.templates), (opts.batch_size,), generator=gen).tolist()
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (opts.batch_size,), generator=gen)
@@ -192,9 +192,9 @@ class IdentityLearner:
 
     def step(self, step: int) -> StepStats:
         cfg = self.cfg
-        latents, masks, picks, timesteps, noisy, target = self.draw(step_generator(cfg.seed, step))
-        prompts = [self.templates[i].prompt for i in picks]
         use_attn = cfg.attn_weight > 0
+        latents, masks, picks, timesteps, noisy, target = self.draw(step_generator(cfg.seed, step), masks=use_attn)
+        prompts = [self.templates[i].prompt for i in picks]
         ref_maps = None
         if use_attn:
             with torch.no_grad(), self.state.record() as recs:
