@@ -93,8 +93,39 @@ def visible_points(placement: Placement, style: str = "openpose") -> dict[int, n
     return visible
 
 
-def draw_hint(placement: Placement, style: str = "openpose") -> np.ndarray:
-    """The ControlNet hint, RGB uint8 ``[H, W, 3]`` on black."""
+def face_height(placement: Placement) -> float:
+    """Forehead-to-chin height of a placed face, in canvas pixels."""
+    lm = placement.landmarks
+    return FACE_HEIGHT_PER_EYE_MOUTH * float(np.linalg.norm(lm[3:].mean(0) - lm[:2].mean(0)))
+
+
+def head_mask(placement: Placement, margin: float = 1.0) -> np.ndarray:
+    """Soft region of the placed head (face, hair, ears), float32 ``[H, W]`` in 0..1: an ellipse around the
+    face, ``margin`` times the usual head proportions, with a soft rim — for identity regions."""
+    w, h = placement.canvas
+    lm = placement.landmarks
+    fh = face_height(placement)
+    eye_c, mouth_c = lm[:2].mean(0), lm[3:].mean(0)
+    up = eye_c - mouth_c
+    up = up / max(float(np.linalg.norm(up)), 1e-6)
+    centre = (eye_c + mouth_c) / 2 + up * 0.12 * fh  # the head's centre sits above the face's
+    ry, rx = 0.8 * fh * margin, 0.62 * fh * margin
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    rel = np.stack([xs - centre[0], ys - centre[1]], -1)
+    along = rel @ up  # towards the forehead
+    across = rel @ np.array([-up[1], up[0]])
+    r = np.sqrt((along / ry) ** 2 + (across / rx) ** 2)
+    return np.clip((1.15 - r) / 0.3, 0.0, 1.0).astype(np.float32)  # 1 inside r < 0.85, 0 past r = 1.15
+
+
+def draw_hint(placement: Placement | list[Placement], style: str = "openpose") -> np.ndarray:
+    """The ControlNet hint, RGB uint8 ``[H, W, 3]`` on black; a list of placements draws every head."""
+    if isinstance(placement, list):
+        if not placement:
+            raise ValueError("no head to draw")
+        if len({p.canvas for p in placement}) != 1:
+            raise ValueError(f"heads placed on different canvases: {[p.canvas for p in placement]}")
+        return np.maximum.reduce([draw_hint(p, style) for p in placement])
     from PIL import Image, ImageDraw
 
     if style not in STYLES:

@@ -11,7 +11,7 @@ from .identity_nodes import (
 from .learn_nodes import DreamIDLearnIdentity
 from .paths import register_folders
 from .region_nodes import DreamIDIdentityRegions
-from .scene_node import DreamIDScenePosition
+from .scene_node import DreamIDHeadPlacement, DreamIDScenePosition
 from .text_nodes import DreamIDInjectIDTokens, DreamIDSaveIDEmbedding
 
 register_folders()
@@ -29,6 +29,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamID_LoadIdentity": DreamIDLoadIdentity,
     "DreamID_SaveLearnedIdentity": DreamIDSaveLearnedIdentity,
     "DreamID_IdentityRegions": DreamIDIdentityRegions,
+    "DreamID_HeadPlacement": DreamIDHeadPlacement,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -42,4 +43,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamID_LoadIdentity": "DreamIdentity Load Identity",
     "DreamID_SaveLearnedIdentity": "DreamIdentity Save Learned Identity",
     "DreamID_IdentityRegions": "DreamIdentity People in Regions",
+    "DreamID_HeadPlacement": "DreamIdentity Head Placement (keypoints + masks)",
 }

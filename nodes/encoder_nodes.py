@@ -14,7 +14,7 @@ import torch
 
 from ..dreamid_core import COMBINE_MODES, EncoderConfig, FacePipeline, load_encoder, make_detector
 from ..dreamid_core.detectors import BUILTIN, detector_names
-from ..dreamid_core.errors import ModelFilesError
+from ..dreamid_core.errors import FaceSelectionError, ModelFilesError
 from ..dreamid_core.faces import ON_MISSING, ORDERS, PipelineReport
 from ..dreamid_core.identity import encode_identity
 from ..dreamid_core.insightface_detector import resolve_pack_dir
@@ -31,6 +31,7 @@ from .validation import require_finite
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
+MAX_PEOPLE = 3
 
 
 @dataclass
@@ -129,40 +130,74 @@ class DreamIDEncodeFace:
                 "on_missing": (list(ON_MISSING), {"default": "error", "tooltip": (
                     "A photo without a face: stop with an error, or skip it with a warning. If every photo "
                     "is skipped it is an error anyway.")}),
-            }
+            },
+            "optional": {
+                f"face_index_{i}": ("INT", {"default": -1, "min": -1, "max": 63, "tooltip": (
+                    f"A person {i} from the SAME photo(s): their face index (counted like face_index); -1 = none. "
+                    f"Gives id_embeds_{i} and face_layout_{i}.")})
+                for i in range(2, MAX_PEOPLE + 1)
+            },
         }
 
     # new outputs go at the END: saved workflows link outputs by slot index
-    RETURN_TYPES = ("DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT", "STRING")
-    RETURN_NAMES = ("id_embeds", "aligned_faces", "face_layout", "report")
+    RETURN_TYPES = ("DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT", "STRING", "DREAMID_EMBEDS",
+                    "DREAMID_FACE_LAYOUT", "DREAMID_EMBEDS", "DREAMID_FACE_LAYOUT")
+    RETURN_NAMES = ("id_embeds", "aligned_faces", "face_layout", "report", "id_embeds_2", "face_layout_2",
+                    "id_embeds_3", "face_layout_3")
     OUTPUT_TOOLTIPS = ("S*: the identity as k word embeddings.", "The aligned 112x112 face crops that were encoded.",
                        "Where the first face sits in its photo (for DreamID_ScenePosition).",
                        "Which photos were used and which were skipped (on_missing = skip), and why; also shown "
-                       "on the node.")
+                       "on the node.", "Person 2 (face_index_2), or nothing.", "Where person 2's face sits.",
+                       "Person 3 (face_index_3), or nothing.", "Where person 3's face sits.")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, encoder: EncoderBundle, image, strength, combine, face_index, face_order, on_missing):
+    def encode(self, encoder: EncoderBundle, image, strength, combine, face_index, face_order, on_missing,
+               face_index_2=-1, face_index_3=-1):
         require_finite("DreamID_EncodeFace", strength=strength)
         n = int(image.shape[0])
-        bar = comfy.utils.ProgressBar(n)
-
-        def step(i, total):
-            mm.throw_exception_if_processing_interrupted()
-            bar.update_absolute(i, total)
-
+        indices = [face_index] + [i for i in (face_index_2, face_index_3)]
+        wanted = [i for i in indices if i is not None and i >= 0]
+        if len(set(wanted)) != len(wanted):
+            raise FaceSelectionError(f"face indices {wanted} name the same face twice; give each person their own "
+                                     "face_index (or -1 for none).")
+        bar = comfy.utils.ProgressBar(n * len(wanted))
         mm.load_models_gpu([encoder.patcher])
-        embeds, report = encode_identity(encoder.patcher.model, encoder.pipeline, image, scale=strength,
-                                         combine=combine, face_index=face_index, order=face_order,
-                                         on_missing=on_missing, device=encoder.patcher.load_device, callback=step)
-        bar.update_absolute(n, n)
-        embeds.info["encoder"] = encoder.name
-        crops = torch.stack([f.crop for f in report.faces]).permute(0, 2, 3, 1).contiguous()  # [N, 112, 112, 3]
-        layout = report.faces[0].layout()
-        layout["image_index"] = report.faces[0].image_index
-        text = report_text(report, n)  # each skip was already logged by the pipeline
+        people, texts = [], []
+        for person, index in enumerate(indices):
+            if index is None or index < 0:
+                people.append((None, None))
+                continue
+
+            done = len(texts) * n
+
+            def step(i, total, done=done):
+                mm.throw_exception_if_processing_interrupted()
+                bar.update_absolute(done + i, n * len(wanted))
+
+            try:
+                embeds, report = encode_identity(encoder.patcher.model, encoder.pipeline, image, scale=strength,
+                                                 combine=combine, face_index=index, order=face_order,
+                                                 on_missing=on_missing, device=encoder.patcher.load_device,
+                                                 callback=step)
+            except FaceSelectionError as exc:
+                if person == 0:
+                    raise
+                raise FaceSelectionError(f"person {person + 1} (face_index_{person + 1} = {index}): {exc}") from exc
+            embeds.info["encoder"] = encoder.name
+            layout = report.faces[0].layout()
+            layout["image_index"] = report.faces[0].image_index
+            people.append((embeds, layout))
+            if person == 0:
+                crops = torch.stack([f.crop for f in report.faces]).permute(0, 2, 3, 1).contiguous()  # [N, 112, 112, 3]
+            prefix = "" if person == 0 else f"person {person + 1} (face {index}): "
+            texts.append(prefix + report_text(report, n))  # each skip was already logged by the pipeline
+        bar.update_absolute(n * len(wanted), n * len(wanted))
+        text = "\n".join(texts)
+        (embeds, layout), *others = people
         return {"ui": {"text": [text]},
-                "result": (embeds, crops.to(mm.intermediate_device(), torch.float32), layout, text)}
+                "result": (embeds, crops.to(mm.intermediate_device(), torch.float32), layout, text,
+                           *[x for pair in others for x in pair])}
 
 
 def report_text(report: PipelineReport, num_photos: int) -> str:

@@ -98,7 +98,8 @@ class DreamIDSaveIDEmbedding:
             "required": {
                 "id_embeds": ("DREAMID_EMBEDS", {"tooltip": "S* from DreamID_EncodeFace (its strength is kept)."}),
                 "name": ("STRING", {"default": "my_identity", "tooltip": (
-                    "File name without extension; letters, digits, '-', '_' (anything else becomes '_').")}),
+                    "File name without extension: letters and digits of any script, '-', '_' (anything else "
+                    "becomes '_'). Windows device names (CON, NUL, COM1...) and folders are refused.")}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
             }
         }

@@ -165,12 +165,15 @@ def test_encode_face_end_to_end(comfyui, pack, emb_dir, encoder_file):
     assert bundle.patcher.load_device is not None and bundle.config.num_tokens == 2
     encode = nodes["DreamID_EncodeFace"]()
     out = encode.encode(bundle, photo("t1.jpg"), 1.0, "average", 0, "largest", "error")
-    embeds, crops, layout, report = out["result"]
+    embeds, crops, layout, report, *others = out["result"]
+    assert others == [None, None, None, None]  # no second or third person asked for
     assert embeds.parts["clip_l"].shape == (2, 64) and crops.shape == (1, 112, 112, 3)
     assert 0 < layout["box"][0] < layout["box"][2] < 1 and len(layout["landmarks"]) == 5
     assert out["ui"]["text"] == [report] and report == "1 of 1 photo(s) encoded (image 0); 0 skipped."
     off = encode.encode(bundle, photo("t1.jpg"), 0.0, "average", 0, "largest", "error")["result"][0]
-    assert torch.count_nonzero(off.parts["clip_l"]) == 0
+    assert off.parts["clip_l"].shape == (0, 64)  # strength 0: no vectors, the trigger drops out of the prompt
+    assert torch.equal(inject(pack, clip_for("sd1", emb_dir), off, "a photo of S*, smiling")[0][0],
+                       encode_plain(comfyui, clip_for("sd1", emb_dir), "a photo of , smiling")[0][0])
     other = encode.encode(bundle, photo("t1.jpg"), 1.0, "average", 1, "largest", "error")["result"][0]
     assert not torch.allclose(other.parts["clip_l"], embeds.parts["clip_l"])  # another person, another S*
     clip = clip_for("sd1", emb_dir)
@@ -191,7 +194,7 @@ def test_encode_face_no_face_error_and_skip(comfyui, pack, encoder_file):
     batch = torch.cat([torch.nn.functional.interpolate(mask.permute(0, 3, 1, 2), size=(350, 350)).permute(0, 2, 3, 1),
                        face])
     out = encode.encode(bundle, batch, 1.0, "average", 0, "largest", "skip")
-    embeds, crops, _, report = out["result"]
+    embeds, crops, _, report, *_ = out["result"]
     assert crops.shape[0] == 1 and embeds.info["skipped"] == 1
     # the skip is shown on the node and given to the graph, not only written to the server log
     assert out["ui"]["text"] == [report]
@@ -219,8 +222,10 @@ def test_scene_position_applies_the_controlnet(comfyui, pack, tmp_path):
     layout = {"image_size": [400, 300], "landmarks": (pack["core"].align.ARCFACE_TEMPLATE_112 / [112, 112] *
                                                       [0.5, 0.5] + [0.25, 0.25]).tolist()}
     node = pack["nodes"]["DreamID_ScenePosition"]()
-    pos, neg, image = node.apply(cond, cond, control_net, 256, 192, 0.3, 0.4, 0.25, 0.8, 0.0, 0.9, "openpose", layout)
+    pos, neg, image, mask, mask_2, mask_3 = node.apply(cond, cond, control_net, 256, 192, 0.3, 0.4, 0.25, 0.8, 0.0,
+                                                        0.9, "openpose", layout)
     assert image.shape == (1, 192, 256, 3) and image.max() > 0.9
+    assert mask[0, int(0.4 * 192), int(0.3 * 256)] == 1 and float(mask_2.max()) == float(mask_3.max()) == 0
     for c in (pos, neg):
         cn = c[0][1]["control"]
         assert cn.strength == 0.8 and cn.timestep_percent_range == (0.0, 0.9)
@@ -254,7 +259,8 @@ def node_links(pack, encoder_file):
     (bundle,) = pack["nodes"]["DreamID_LoadIDEncoder"]().load(encoder_file.name, "mtcnn", "auto")
     cond = [[torch.zeros(1, 77, 1024), {"pooled_output": None}]]
     return {"DreamID_EncodeFace": {"encoder": bundle, "image": torch.rand(1, 64, 64, 3)},
-            "DreamID_ScenePosition": {"positive": cond, "negative": cond, "control_net": None}}
+            "DreamID_ScenePosition": {"positive": cond, "negative": cond, "control_net": None},
+            "DreamID_HeadPlacement": {}}
 
 
 @pytest.mark.parametrize("bad,shown", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "-inf")])

@@ -162,3 +162,61 @@ def test_region_errors(setup):
     model, positive = regions(setup, a, b, torch.ones(1, 32, 64), None)  # 2:1 mask for a square image
     with pytest.raises(ValueError, match="64x32 but the image being generated is 64x64"):
         sample(setup, model, positive)
+
+
+# ---- several people from one photo, several heads on one canvas ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder_bundle(comfyui, setup):
+    from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, save_encoder
+
+    torch.manual_seed(0)
+    bb = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
+    cfg = EncoderConfig(backbone=bb, target="sd2", token_widths=(("clip_h", 1024),), tap_layers=(1, 2, 3, 4),
+                        hidden_dim=32)
+    save_encoder(IDEncoder(cfg), comfyui.models_dir("dreamidentity") / "regions_sd2.safetensors")
+    return setup["nodes"]["DreamID_LoadIDEncoder"]().load("regions_sd2.safetensors", "mtcnn", "cpu")[0]
+
+
+def group_photo():
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or spec.origin is None:
+        pytest.skip("insightface (sample photos) is not installed")
+    im = Image.open(Path(spec.origin).parent / "data" / "images" / "t1.jpg").convert("RGB")
+    return torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0)[None]
+
+
+@pytest.mark.comfyui
+def test_two_people_from_one_group_photo(setup, encoder_bundle):
+    encode = setup["nodes"]["DreamID_EncodeFace"]().encode
+    photo = group_photo()
+    both = encode(encoder_bundle, photo, 1.0, "average", 0, "largest", "error", face_index_2=1)["result"]
+    one = encode(encoder_bundle, photo, 1.0, "average", 1, "largest", "error")["result"]
+    assert torch.equal(both[4].parts["clip_h"], one[0].parts["clip_h"])  # person 2 = face 1 on its own
+    assert not torch.equal(both[0].parts["clip_h"], both[4].parts["clip_h"])
+    assert both[5] == one[2] and both[6] is None and both[7] is None  # layouts; person 3 off
+    with pytest.raises(ValueError, match=r"person 2 \(face_index_2 = 9\).*6 face\(s\) were found"):
+        encode(encoder_bundle, photo, 1.0, "average", 0, "largest", "error", face_index_2=9)
+    with pytest.raises(ValueError, match="same face twice"):
+        encode(encoder_bundle, photo, 1.0, "average", 1, "largest", "error", face_index_2=1)
+
+
+@pytest.mark.comfyui
+def test_head_placement_draws_every_head_and_masks_each(setup):
+    place = setup["nodes"]["DreamID_HeadPlacement"]().place
+    image, m1, m2, m3 = place(256, 128, 0.25, 0.5, 0.4, "openpose", None, x_2=0.75, y_2=0.5, head_size_2=0.4)
+    assert image.shape == (1, 128, 256, 3) and m1.shape == m2.shape == m3.shape == (1, 128, 256)
+    left, right = image[0, :, :128].amax(), image[0, :, 128:].amax()
+    assert left > 0.5 and right > 0.5  # a head drawn on each side
+    assert m1[0, 64, 64] == 1 and m1[0, 64, 192] == 0 and m2[0, 64, 192] == 1 and m2[0, 64, 64] == 0
+    assert float(m3.max()) == 0  # no third head
+    single, *_ = place(256, 128, 0.25, 0.5, 0.4, "openpose", None)
+    assert float(single[0, :, 128:].max()) == 0
+    with pytest.raises(ValueError, match="x_2=NaN is not a finite number"):
+        place(256, 128, 0.25, 0.5, 0.4, "openpose", None, x_2=float("nan"), y_2=0.5, head_size_2=0.4)
