@@ -213,6 +213,9 @@ def test_cli_writes_loadable_identities_of_both_layouts(tiny, tmp_path):
     assert ps.layout == "per_stage" and tuple(ps.tensors["clip_h"].shape) == (5, 2, 2, TINY_TEXT_WIDTH)
     assert ps.config.init == "file:me.safetensors" and ps.config.stage_kind == "time"
     assert cli.main(_cli_args(tiny, out)) == 1  # exists: refused without --overwrite
+    enc = _constant_encoder(tmp_path, {"clip_h": torch.randn(2, TINY_TEXT_WIDTH)})
+    assert cli.main(_cli_args(tiny, out, "--encoder", str(enc), "--overwrite", "--steps", "1")) == 0
+    assert load_learned_identity(out, single_key="clip_h").config.init == "encoder"
 
 
 def test_bad_input_fails_clearly(tiny, tmp_path, caplog):
@@ -262,3 +265,24 @@ def test_evaluation_compares_ti_learned_and_encoder_in_one_table(tiny, tmp_path)
         assert (out / name / "summary.csv").is_file() and (out / name / "grid.png").is_file()
     (per_face / "tom.safetensors").unlink()
     assert evi.main(argv) == 1  # a face without its identity is named, not skipped
+
+
+def test_sdxl_learns_both_text_encoders_and_per_stage_equals_words(tiny, tmp_path):
+    base = load_base_model(make_tiny_sd(tmp_path / "sdxl", "sdxl"))
+    latents = encode_photos(tiny["arrays"][:1], [tiny["pipeline"].process_one(tiny["arrays"][0])], base.vae,
+                            resolution=32)
+    start = from_word(base, "person", 2)
+    for layout, kind in [("words", "time"), ("per_stage", "unet")]:
+        cfg = IdentityConfig(layout=layout, steps=2, lr=LR, attn_weight=0.003, stage_kind=kind, target="sdxl")
+        learner = IdentityLearner(base, latents, cfg, as_layout(layout, start, "words", k=2, num_stages=5),
+                                  RunOptions(batch_size=2, log_every=0))
+        ident = learner.run().identity
+        for key, width in (("clip_l", TINY_TEXT_WIDTH), ("clip_g", 48)):
+            t = ident.tensors[key]
+            assert t.shape[-1] == width and not torch.equal(t.reshape(-1, width)[:2], start[key])
+    words = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in start.items()}
+    a = DiffusersGenerator(base, steps=3).batch(["a photo of S*"], [1], parts={k: v[None] for k, v in words.items()})
+    staged = LearnedIdentity.per_stage_from_words(words, IdentityConfig(num_stages=5))
+    b = IdentityGenerator(base, steps=3, num_stages=5).batch(["a photo of S*"], [1],
+                                                             parts={k: v[None] for k, v in staged.tensors.items()})
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
