@@ -223,7 +223,7 @@ def test_bad_input_fails_clearly(tiny, tmp_path, caplog):
         assert cli.main(_cli_args(tiny, tmp_path / "x", "--photos", str(tiny["no_face"]))) == 1
     assert "No face found" in caplog.text and not (tmp_path / "x.safetensors").exists()
     args = cli.build_parser().parse_args(_cli_args(tiny, tmp_path / "x", "--photos", str(tiny["no_face"])))
-    with pytest.raises(FaceNotFoundError, match="none.png|image 0"):
+    with pytest.raises(FaceNotFoundError, match=r"none\.png: No face found"):
         cli.run(args)
     for flag, value, message in [("--steps", "0", "steps must be an integer >= 1, got 0"),
                                  ("--lr", "nan", "learning rate must be a finite number > 0, got nan"),

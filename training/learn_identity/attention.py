@@ -189,11 +189,12 @@ class IdentityAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install(unet, *, num_stages: int = 1, stage_kind: str = "time") -> tuple[IdentityAttention, Callable[[], None]]:
+def install(unet, *, num_stages: int = 1, stage_kind: str = "time",
+            num_timesteps: int = 1000) -> tuple[IdentityAttention, Callable[[], None]]:
     """Put :class:`IdentityAttnProcessor` on every cross-attention layer of ``unet`` (self-attention
-    keeps its processor). Returns the shared state and an ``uninstall()`` that restores everything."""
-    state = IdentityAttention(num_stages=num_stages, stage_kind=stage_kind,
-                              num_timesteps=1000)
+    keeps its processor). Returns the shared state and an ``uninstall()`` that restores everything.
+    ``num_timesteps``: the model's training timesteps (the scheduler's ``num_train_timesteps``)."""
+    state = IdentityAttention(num_stages=num_stages, stage_kind=stage_kind, num_timesteps=num_timesteps)
     before = dict(unet.attn_processors)
     layout = unet_layout(unet)
     procs = {}

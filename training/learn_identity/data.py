@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreamid_core import FacePipeline, ImageInputError
+from dreamid_core import FaceNotFoundError, FacePipeline, ImageInputError
 from dreamid_core.face_mask import Crop, face_mask, random_crop, scale_crop
 from dreamid_core.images import load_image
 
@@ -103,9 +103,16 @@ def prepare_photo(photo: np.ndarray, face, resolution: int) -> tuple[torch.Tenso
 
 def detect_faces(paths: Sequence[Path], pipeline: FacePipeline) -> tuple[list[np.ndarray], list]:
     """The photos and their largest face each (no face in a photo -> FaceNotFoundError naming it)."""
-    photos = [load_image(p) for p in paths]
-    report = pipeline.process(photos, on_missing="error")
-    return photos, report.faces
+    photos, faces = [], []
+    for i, path in enumerate(paths):
+        photo = load_image(path)
+        try:
+            faces.append(pipeline.process_one(photo, image_index=i))
+        except FaceNotFoundError as exc:
+            raise FaceNotFoundError(f"{path}: {exc} Every photo given to learn an identity must show the person's "
+                                    "face; remove this one or crop it closer.") from exc
+        photos.append(photo)
+    return photos, faces
 
 
 def encode_photos(photos: Sequence[np.ndarray], faces: Sequence, vae: torch.nn.Module, *, resolution: int,

@@ -110,7 +110,9 @@ class IdentityLearner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.unet_dtype == torch.float16)
         self.templates = [template_tokens(base.tokenizers[0], t, self.opts.trigger, cfg.num_tokens, cfg.class_word)
                           for t in check_templates(self.opts.templates)]
-        self.state, self._uninstall = install(base.unet, num_stages=cfg.num_stages, stage_kind=cfg.stage_kind)
+        self.num_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
+        self.state, self._uninstall = install(base.unet, num_stages=cfg.num_stages, stage_kind=cfg.stage_kind,
+                                              num_timesteps=self.num_timesteps)
         self._checkpointing = bool(getattr(base.unet, "is_gradient_checkpointing", False))
         if self.opts.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
@@ -130,7 +132,8 @@ class IdentityLearner:
             ctx, pooled = self._encode(prompts, parts)
             return ctx, pooled, None
         if self.cfg.stage_kind == "time":  # each row needs only its own stage: encode those
-            rows = torch.tensor([stage_for_timestep(float(t), self.cfg.num_stages) for t in timesteps.tolist()])
+            rows = torch.tensor([stage_for_timestep(float(t), self.cfg.num_stages, self.num_timesteps)
+                                 for t in timesteps.tolist()])
             keys, _ = self._encode(prompts, {k: p[rows, 0] for k, p in self.params.items()})
             values, pooled = self._encode(prompts, {k: p[rows, 1] for k, p in self.params.items()})
             return values, pooled, (keys[None], values[None])

@@ -62,7 +62,8 @@ class IdentityGenerator(DiffusersGenerator):
         if base.family == "sdxl":
             kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
         generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        state, uninstall = install(base.unet, num_stages=stages, stage_kind=self.stage_kind)
+        state, uninstall = install(base.unet, num_stages=stages, stage_kind=self.stage_kind,
+                                   num_timesteps=int(base.noise_scheduler.config.num_train_timesteps))
         try:
             with state.contexts(key_ctx, value_ctx):
                 out = self.pipe(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.height,
