@@ -13,7 +13,9 @@ and face mask per step; measured as plain TI (``--attn-weight 0``), with the att
 extra no-grad reference forward and explicit attention maps), per-stage, and with gradient
 checkpointing.
 
-Memory: on CUDA ``max_memory_allocated`` per loop. Everywhere, the activations one step keeps for
+Memory: on CUDA each loop's peak as if it ran alone: the growth of ``max_memory_allocated`` over
+what was allocated before its steps, plus the weights it uses (every loop keeps its own copies on the
+device, so the raw peak would count the others'). Everywhere, the activations one step keeps for
 backward (unique storages passed to autograd's saved-tensor hooks, model weights excluded) — exact
 and deterministic even for tiny models, and what caching, checkpointing and the attention maps
 change. ``--rss`` adds the peak resident growth on a CPU, each loop in a fresh child process (Linux
@@ -106,6 +108,7 @@ def reference_step(base: BaseModel, pixels: torch.Tensor, batch: int, device: to
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    step.models = [base.unet, base.vae, *base.text_encoders]
     return step
 
 
@@ -133,7 +136,7 @@ def our_step(base: BaseModel, pixels: torch.Tensor, batch: int, device: torch.de
         counter["n"] += 1
         return learner.step(counter["n"]).loss
 
-    step.models = [mine.unet, *mine.text_encoders]  # its own weight copies (not activations)
+    step.models = [mine.unet, *mine.text_encoders]  # its own weight copies (the VAE is not used in the loop)
     return step
 
 
@@ -234,17 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     for step in loops.values():
         for _ in range(args.warmup):
             step()
-    saved = {n: saved_mib(step, [base.unet, base.vae, *base.text_encoders, *getattr(step, "models", [])])
-             for n, step in loops.items()}
+    saved = {n: saved_mib(step, [base.unet, base.vae, *base.text_encoders, *step.models]) for n, step in loops.items()}
     best = {n: float("inf") for n in loops}
     peak = {n: float("nan") for n in loops}
     for _ in range(args.rounds):
         for n, step in loops.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             best[n] = min(best[n], timed(step, steps, device))
             if device.type == "cuda":
-                peak[n] = torch.cuda.max_memory_allocated(device) / 2**20
+                own = sum(t.numel() * t.element_size() for m in step.models
+                          for t in [*m.parameters(), *m.buffers()])
+                peak[n] = (torch.cuda.max_memory_allocated(device) - before + own) / 2**20
     if args.rss and device.type == "cpu" and Path("/proc/self/clear_refs").exists():
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         for n in loops:
