@@ -63,7 +63,8 @@ def invert_affine(m: np.ndarray) -> np.ndarray:
 
 
 def warp_affine(image: torch.Tensor, m: np.ndarray, size: int) -> torch.Tensor:
-    """Warp ``image`` ``[3, H, W]`` (float) so that output pixel p samples ``M^-1 p``; ``[3, size, size]``.
+    """Warp ``image`` ``[3, H, W]`` (float 0..1, or uint8 0..255) so that output pixel p samples ``M^-1 p``;
+    ``[3, size, size]`` float.
 
     Outside the image is filled with the border colour, so faces near an edge do not get black wedges.
     """
@@ -77,6 +78,8 @@ def warp_affine(image: torch.Tensor, m: np.ndarray, size: int) -> torch.Tensor:
     y0 = int(np.clip(np.floor(corners[:, 1].min()) - 2, 0, h - 1))
     y1 = int(np.clip(np.ceil(corners[:, 1].max()) + 3, y0 + 1, h))
     region = image[:, y0:y1, x0:x1]  # [3, h', w']
+    if not region.is_floating_point():  # uint8 photo: only the face's region becomes float 0..1
+        region = region.float().div_(255.0)
     offset = np.array([x0, y0], dtype=np.float64)
     # 2. shrink it when the face is more than twice the output size (antialiased)
     shrink = 1.0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .align import align_face, apply_transform
 from .detection import Detection, FaceDetector
 from .errors import FaceNotFoundError, FaceSelectionError
-from .images import to_rgb_list, to_tensor
+from .images import to_rgb_list
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,12 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     if abs(scale - 1.0) < 1e-6:
         return image
     h, w = image.shape[:2]
-    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if scale <= 0.25:  # a big photo: average whole blocks on uint8 first, not a float copy of every pixel
+        from PIL import Image
+
+        image = np.array(Image.fromarray(image).reduce(int(0.5 / scale)))  # leaves >= 2x for the resize below
+    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
     out = F.interpolate(t, size=size, mode="bilinear", antialias=scale < 1.0, align_corners=False)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -168,7 +172,8 @@ class FacePipeline:
         return ranked[index]
 
     def align(self, image: np.ndarray, detection: Detection) -> tuple[torch.Tensor, np.ndarray]:
-        return align_face(to_tensor(image), detection.landmarks, self.crop_size)
+        # uint8 view: warp_affine converts only the face's region to float, not an 8k photo
+        return align_face(torch.from_numpy(image).permute(2, 0, 1), detection.landmarks, self.crop_size)
 
     def process_one(self, image: np.ndarray, *, image_index: int = 0, face_index: int = 0,
                     order: str = "largest") -> FaceResult:

@@ -76,3 +76,12 @@ def test_huge_photo_face_lands_on_the_template():
 
 def test_template_scales():
     np.testing.assert_allclose(template(224), ARCFACE_TEMPLATE_112 * 2)
+
+
+def test_uint8_photo_gives_the_same_crop_as_its_float_copy():
+    # the face pipeline passes the photo as a uint8 view: only the face's region is converted to float
+    pts = 3.0 * ARCFACE_TEMPLATE_112 + np.array([40.0, 70.0])
+    photo = (dots_image(500, 460, pts, radius=9.0) * 255).round().to(torch.uint8)  # [3, H, W]
+    crop_u8, m_u8 = align_face(photo, pts)
+    crop_f, m_f = align_face(photo.float() / 255.0, pts)
+    assert crop_u8.dtype == torch.float32 and torch.equal(crop_u8, crop_f) and np.array_equal(m_u8, m_f)
