@@ -299,3 +299,44 @@ def test_cli_with_tiny_diffusion_model(built, tmp_path, caplog):
     assert build_dataset.main(["filter", "--out", str(faces), "--face-model", str(tmp_path / "missing.pt"),
                                "--clip-model", str(tmp_path)]) == 1
     assert any("missing.pt" in r.getMessage() and "not found" in r.getMessage() for r in caplog.records)
+
+
+# -- at scale: one device per shard, progress, per-step help (issue 8 item 8) ---------------------------------
+
+def test_device_auto_puts_each_shard_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from training.generation import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [str(resolve_device("auto", shard=i)) for i in range(8)] == [f"cuda:{i % 4}" for i in range(8)]
+    assert str(resolve_device("cuda:2", shard=5)) == "cuda:2"  # an explicit device is kept
+    seen = []
+    monkeypatch.setattr("training.generation.resolve_device", lambda name, shard=0: seen.append((name, shard)) or
+                        torch.device("cpu"))
+    args = build_dataset.build_parser().parse_args(["filter", "--out", "x", "--shard", "6", "--num-shards", "8",
+                                                    "--face-model", "missing.pt", "--clip-model", "missing"])
+    with pytest.raises(Exception, match="missing"):
+        build_dataset.make_scorers(args)
+    assert seen == [("auto", 6)]
+
+
+@pytest.mark.parametrize("step", ["names", "generate-sources", "generate-edits", "filter", "merge", "status"])
+def test_help_of_each_step_says_what_it_does_and_writes(step, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_dataset.main([step, "--help"])
+    assert info.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse re-wraps (also at hyphens)
+    short, long = build_dataset.STEP_HELP[step]
+    assert "".join(f"{short}. {long}".split()) in text and ("Writes" in long or "writes nothing" in long)
+    assert "--out" in text and "--shard" in text
+
+
+@needs_photos
+def test_steps_show_a_progress_bar_per_shard(tmp_path, pipeline, capsys):
+    cfg = _cfg(tmp_path, progress=True, shard=0, num_shards=2)
+    _names(cfg)
+    summary = generate_sources(cfg, _gen(), pipeline)
+    err = capsys.readouterr().err
+    assert "sources 1/2: 100%" in err and f"{summary.new}/{summary.new}" in err

@@ -16,7 +16,8 @@ Example (SD2.1-base, as in the paper; nothing is downloaded, every model is a lo
 
     python -m training.build_dataset names --out data/edit --names my_names.txt
     python -m training.build_dataset generate-sources --out data/edit --base-model models/sd21-base \
-        --images-per-name 4 --shard 0 --num-shards 8        # one process per GPU, shards 0..7
+        --images-per-name 4 --shard 0 --num-shards 8        # one process per shard: --device auto puts
+                                                             # shard i on cuda:(i mod the GPU count)
     python -m training.build_dataset generate-edits --out data/edit --base-model models/sd21-base
     python -m training.build_dataset filter --out data/edit --face-model models/glintr100.onnx \
         --clip-model models/clip-vit-base-patch32
@@ -50,23 +51,67 @@ from .selection import COMBINE_METHODS
 
 logger = logging.getLogger("training.build_dataset")
 
-STEPS = ("names", "generate-sources", "generate-edits", "filter", "merge", "status")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("step", choices=STEPS)
+#: step -> (one line, what it reads and writes) for ``--help`` of each step
+STEP_HELP: dict[str, tuple[str, str]] = {
+    "names": ("register the names of a names file",
+              "Reads --names (one name per line, '#' comments). Writes OUT/names/parts/*.jsonl (one record per "
+              "new name; names already registered are skipped). Not sharded."),
+    "generate-sources": ("draw '<name> face, looking at the camera', keep faces > --min-face px",
+                         "Reads the registered names; draws --images-per-name images per name with --base-model, "
+                         "detects and aligns the largest face. Writes OUT/sources/images/<name>/<i>.png, the aligned "
+                         "crops OUT/sources/crops/<name>/<i>.png of kept faces, and one record per image (kept, or "
+                         "rejected with the reason) in OUT/sources/parts/*.jsonl."),
+    "generate-edits": ("draw the paper's edit prompts for every kept source",
+                       "Reads the kept sources; draws --edits-per-prompt images per source and template (the name "
+                       "in the prompt). Writes OUT/edits/images/<name>/<i>-<template>-<j>.png and one record per "
+                       "image (its training prompt has the name replaced by --trigger) in OUT/edits/parts/*.jsonl."),
+    "filter": ("score every edit (identity + CLIP) and write the manifest",
+               "Reads the edits and their source crops; scores identity with --face-model and text alignment with "
+               "--clip-model. Writes OUT/scores/parts/*.jsonl (one record per edit, a reason when unscored) and then "
+               "OUT/manifest.jsonl (top --keep-fraction per template, 'kept': true) and OUT/manifest_summary.json."),
+    "merge": ("rebuild manifest.jsonl from the scores",
+              "Reads OUT/scores. Writes OUT/manifest.jsonl and OUT/manifest_summary.json again (e.g. with another "
+              "--keep-fraction or --combine). Refuses while edits are unscored unless --allow-partial."),
+    "status": ("counts per step and shard, pending items",
+               "Reads every step's part files; writes nothing. --verify also opens every image and lists the "
+               "corrupt ones."),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="the dataset folder (created; holds every step's files)")
     p.add_argument("--shard", type=int, default=0, help="this process's shard, 0..num-shards-1")
     p.add_argument("--num-shards", type=int, default=1, help="how many processes share the step")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its key")
     p.add_argument("--trigger", default="S*", help="the word that replaces the name in training prompts")
     p.add_argument("--batch-size", type=int, default=4, help="images per generation / scoring call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
-    g = p.add_argument_group("names")
-    g.add_argument("--names", type=Path, default=EXAMPLE_NAMES, help="text file, one name per line")
-    g = p.add_argument_group("generation (generate-sources, generate-edits)")
+
+
+def _names(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("names").add_argument("--names", type=Path, default=EXAMPLE_NAMES,
+                                               help="text file, one name per line")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="auto (shard i on cuda:i mod the GPU count, else cpu), cpu, "
+                                                    "cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
+
+
+def _items(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("items (what the steps owe; give status the same values)")
+    g.add_argument("--images-per-name", type=int, default=4, help="source images generated per name")
+    g.add_argument("--templates", nargs="+", choices=list(EDIT_TEMPLATES), help="edit template ids (default: all)")
+    g.add_argument("--edits-per-prompt", type=int, default=1, help="edited images per source and template")
+
+
+def _generation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
     g.add_argument("--base-model", type=Path, help="local diffusers folder or .safetensors (SD2.1-base in the paper)")
     g.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
     g.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="default: detected from the files")
@@ -75,36 +120,71 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, help="default: the model's native size")
     g.add_argument("--width", type=int, help="default: the model's native size")
     g.add_argument("--negative-prompt", default="", help="text of the unconditional branch")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
-    g.add_argument("--images-per-name", type=int, default=4, help="source images generated per name")
     g.add_argument("--min-face", type=float, default=128.0, help="keep a source face if its box's short side > this (px)")
-    g.add_argument("--templates", nargs="+", choices=list(EDIT_TEMPLATES), help="edit template ids (default: all)")
-    g.add_argument("--edits-per-prompt", type=int, default=1, help="edited images per source and template")
-    g = p.add_argument_group("faces (generate-sources, filter)")
+
+
+def _faces(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("faces")
     g.add_argument("--detector", default="mtcnn", choices=detector_names())
     g.add_argument("--insightface-root", type=Path, help="folder holding models/<pack>/ for insightface detectors")
     g.add_argument("--provider", default="auto", help="onnxruntime provider: auto/cpu/cuda/rocm/coreml")
     g.add_argument("--detect-retry", action=argparse.BooleanOptionalAction, default=True,
                    help="retry faceless images at other sizes and padded (slower; rarely needed for generated images)")
-    g = p.add_argument_group("filter / merge")
-    g.add_argument("--face-model", type=Path, help="arcface_torch ViT .pt/.safetensors, or insightface glintr100.onnx "
-                                                   "/ w600k_r50.onnx: the identity score")
-    g.add_argument("--clip-model", type=Path, help="transformers CLIPModel folder: the text-image score")
+
+
+def _selection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("selection")
     g.add_argument("--keep-fraction", type=float, default=0.25, help="top share of each template's edits kept")
     g.add_argument("--combine", default="rank", choices=COMBINE_METHODS, help="how identity and CLIP scores combine")
     g.add_argument("--id-weight", type=float, default=0.5, help="identity score's share of the combined score")
-    g.add_argument("--allow-partial", action="store_true", help="merge: write the manifest with unscored edits left")
-    g.add_argument("--verify", action="store_true", help="status: open every image and report corrupt ones")
+
+
+def _scorers(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scorers")
+    g.add_argument("--face-model", type=Path, help="arcface_torch ViT .pt/.safetensors, or insightface glintr100.onnx "
+                                                   "/ w600k_r50.onnx: the identity score")
+    g.add_argument("--clip-model", type=Path, help="transformers CLIPModel folder: the text-image score")
+
+
+_STEP_ARGS = {
+    "names": (_names,),
+    "generate-sources": (_generation, _device, _items, _faces),
+    "generate-edits": (_generation, _device, _items, _faces),
+    "filter": (_scorers, _device, _faces, _selection, _items),
+    "merge": (_selection, _items),
+    "status": (_items,),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=__doc__.split("\n\n")[0],
+                                epilog="`python -m training.build_dataset STEP --help` says what STEP does and writes.")
+    steps = p.add_subparsers(dest="step", required=True, metavar="STEP")
+    for name, adders in _STEP_ARGS.items():
+        short, long = STEP_HELP[name]
+        sub = steps.add_parser(name, help=short, description=f"{short}. {long}",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _common(sub)
+        for add in adders:
+            add(sub)
+        if name == "merge":
+            sub.add_argument("--allow-partial", action="store_true", help="write the manifest with unscored edits left")
+        if name == "status":
+            sub.add_argument("--verify", action="store_true", help="open every image and report corrupt ones")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    def get(name: str, default: Any = None) -> Any:
+        return getattr(args, name, default)
+
+    templates = get("templates")
     return BuildConfig(out=args.out, shard=args.shard, num_shards=args.num_shards, seed=args.seed, trigger=args.trigger,
-                       images_per_name=args.images_per_name, min_face=args.min_face,
-                       templates=tuple(args.templates) if args.templates else None,
-                       edits_per_prompt=args.edits_per_prompt, batch_size=args.batch_size,
-                       keep_fraction=args.keep_fraction, combine=args.combine, id_weight=args.id_weight)
+                       images_per_name=get("images_per_name", 4), min_face=get("min_face", 128.0),
+                       templates=tuple(templates) if templates else None,
+                       edits_per_prompt=get("edits_per_prompt", 1), batch_size=args.batch_size,
+                       keep_fraction=get("keep_fraction", 0.25), combine=get("combine", "rank"),
+                       id_weight=get("id_weight", 0.5), progress=not args.no_progress)
 
 
 def _require(args: argparse.Namespace, flag: str, step: str) -> Any:
@@ -118,7 +198,7 @@ def make_generator(args: argparse.Namespace) -> Any:
     from .generation import DiffusersGenerator, resolve_device, resolve_dtype
     from .models import load_base_model
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, shard=args.shard)
     dtype = resolve_dtype(args.dtype, device)
     base = load_base_model(_require(args, "--base-model", args.step), family=args.family, config=args.base_config,
                            dtype=dtype).to(device)
@@ -129,7 +209,7 @@ def make_generator(args: argparse.Namespace) -> Any:
 def make_face_pipeline(args: argparse.Namespace) -> FacePipeline:
     from .generation import resolve_device
 
-    device = str(resolve_device(args.device))
+    device = str(resolve_device(args.device, shard=args.shard))
     detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider, device=device)
     return FacePipeline(detector, retry=args.detect_retry)
 
@@ -138,7 +218,7 @@ def make_scorers(args: argparse.Namespace) -> tuple[Any, Any]:
     from .generation import resolve_device
     from .metrics import ClipScorer, IdentityScorer
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, shard=args.shard)
     identity = IdentityScorer(_require(args, "--face-model", "filter"), device=device, provider=args.provider)
     clip = ClipScorer(_require(args, "--clip-model", "filter"), device=device)
     return identity.load(), clip.load()  # fail before any work when a path is wrong

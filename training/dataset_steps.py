@@ -61,6 +61,7 @@ class BuildConfig:
     keep_fraction: float = 0.25  # top share kept per template (paper: 25 %)
     combine: str = "rank"  # "rank" or "zscore", see training.selection
     id_weight: float = 0.5  # identity score's share of the combined score
+    progress: bool = False  # a tqdm bar over this shard's items in each step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -127,6 +128,13 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _bar(cfg: BuildConfig, step: str, total: int) -> Any:
+    """This shard's progress over its pending items (updated per item written)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{step} {cfg.shard + 1}/{cfg.num_shards}", unit="item", disable=not cfg.progress)
+
+
 # -- (a) names --------------------------------------------------------------------------------------
 
 def register_names(cfg: BuildConfig, names: Sequence[Name]) -> StepSummary:
@@ -162,7 +170,7 @@ def generate_sources(cfg: BuildConfig, generator: Any, pipeline: Any) -> StepSum
     store = StepStore(cfg.out, "sources")
     todo, summary = _todo(store, keys, cfg, "sources")
     chunk = cfg.batch_size if hasattr(generator, "batch") else 1
-    with store.writer(cfg.shard, cfg.num_shards) as writer:
+    with store.writer(cfg.shard, cfg.num_shards) as writer, _bar(cfg, "sources", len(todo)) as bar:
         for keys_chunk in _chunks(todo, chunk):
             prompts = [fill(SOURCE_TEMPLATE, names[k.split("/")[0]].text) for k in keys_chunk]
             seeds = [item_seed(cfg.seed, k) for k in keys_chunk]
@@ -174,6 +182,7 @@ def generate_sources(cfg: BuildConfig, generator: Any, pipeline: Any) -> StepSum
                 save_png(image, cfg.out / record["image"])
                 record.update(_source_face(cfg, pipeline, image, slug, index))
                 writer.append(record)
+                bar.update(1)
                 summary.new += 1
                 summary.outcomes[record["status"] if record["status"] == "kept" else f"rejected:{record['reason']}"] += 1
     summary.log()
@@ -227,13 +236,14 @@ def generate_edits(cfg: BuildConfig, generator: Any) -> StepSummary:
     store = StepStore(cfg.out, "edits")
     todo, summary = _todo(store, list(items), cfg, "edits")
     chunk = cfg.batch_size if hasattr(generator, "batch") else 1
-    with store.writer(cfg.shard, cfg.num_shards) as writer:
+    with store.writer(cfg.shard, cfg.num_shards) as writer, _bar(cfg, "edits", len(todo)) as bar:
         for keys_chunk in _chunks(todo, chunk):
             batch = [items[k] for k in keys_chunk]
             images = generate_many(generator, [it["gen_prompt"] for it in batch], [it["seed"] for it in batch], chunk)
             for item, image in zip(batch, images, strict=True):
                 save_png(image, cfg.out / item["image"])
                 writer.append(item)
+                bar.update(1)
                 summary.new += 1
                 summary.outcomes[item["template"]] += 1
     summary.log()
@@ -259,7 +269,7 @@ def score_edits(cfg: BuildConfig, pipeline: Any, identity: Any, clip: Any) -> St
     edits = StepStore(cfg.out, "edits").records()
     store = StepStore(cfg.out, "scores")
     todo, summary = _todo(store, sorted(edits), cfg, "scores")
-    with store.writer(cfg.shard, cfg.num_shards) as writer:
+    with store.writer(cfg.shard, cfg.num_shards) as writer, _bar(cfg, "scores", len(todo)) as bar:
         for keys_chunk in _chunks(todo, cfg.batch_size):
             records, pairs, clip_jobs = [], [], []
             for key in keys_chunk:
@@ -289,6 +299,7 @@ def score_edits(cfg: BuildConfig, pipeline: Any, identity: Any, clip: Any) -> St
                     record["clip_score"] = round(float(s), 6)
             for record in records:
                 writer.append(record)
+                bar.update(1)
                 summary.new += 1
                 summary.outcomes[(record["reason"] or "scored").split(":")[0]] += 1
     summary.log()
