@@ -14,6 +14,12 @@ torch.utils.flop_counter on one step of each loop and compared with the physical
 SD2.1-base at 512 px: ~1.7 TFLOP per sample with cached latents (UNet forward+backward and the
 text encoder), ~230 samples/s on one H100 at 40 % utilisation of its ~989 TFLOP/s (bf16, dense).
 Data loading is not timed (images and crops are random tensors already on the device).
+
+Also printed per loop: tokens/s (UNet latent positions, (R/8)^2 per sample, and text tokens, 77 per
+sample and text encoder) and MFU against the dense bf16 peak of an H100 and of an H200 (989 TFLOP/s
+each: the H200 has the H100's compute and more memory bandwidth). The effective global batch is
+batch x --accumulation x --processes; steps/s at that batch assumes every process runs at the
+measured rate (no communication cost counted).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from training.step import diffusion_loss, step_generator  # noqa: E402
 ANCHOR_TFLOP_PER_SAMPLE = 1.7  # SD2.1-base, 512 px, cached latents
 ANCHOR_SAMPLES_PER_S = 230.0  # one H100 at 40 % utilisation
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+TEXT_TOKENS = 77  # CLIP context per prompt and text encoder
 
 
 # -- models from config ----------------------------------------------------------------------------
@@ -248,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run --size sd21 on a CPU anyway (very slow)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile(unet)")
     p.add_argument("--profile", action="store_true", help="after timing, print the top operators of ours (torch.profiler)")
+    p.add_argument("--processes", type=int, default=1, help="processes of the run to project (the paper: 8)")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps of that run")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.size == "sd21" and device.type == "cpu" and not args.force:
@@ -281,11 +290,17 @@ def main(argv: list[str] | None = None) -> int:
                                               channels_last=cl, compile_unet=True)
     results = measure(loops, batch=batch, steps=steps, warmup=args.warmup, rounds=args.rounds, device=device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    print(f"{'loop':<30}{'samples/s':>12}{'TFLOP/sample':>14}{'TFLOP/s':>10}{'util':>8}{'peak GiB':>10}")
+    latent_tokens = (res // 8) ** 2  # UNet positions at full latent resolution, per sample
+    print(f"{'loop':<30}{'samples/s':>12}{'TFLOP/sample':>14}{'TFLOP/s':>10}{'util':>8}{'MFU H100':>10}"
+          f"{'MFU H200':>10}{'latent tok/s':>14}{'text tok/s':>12}{'peak GiB':>10}")
     for label, r in results.items():
         util = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
+        mfu = {gpu: f"{100 * r['tflops'] / PEAK_BF16_TFLOPS[gpu]:.3g}%" for gpu in ("H100", "H200")}
         print(f"{label:<30}{r['samples_per_s']:>12.2f}{r['tflop_per_sample']:>14.4g}{r['tflops']:>10.4g}{util:>8}"
-              f"{r['peak_gib']:>10.1f}")
+              f"{mfu['H100']:>10}{mfu['H200']:>10}{r['samples_per_s'] * latent_tokens:>14.4g}"
+              f"{r['samples_per_s'] * TEXT_TOKENS:>12.4g}{r['peak_gib']:>10.1f}")
+    if device.type != "cuda":
+        print("note: measured on the CPU; the MFU columns compare CPU throughput with a GPU's peak (format only)")
     best_label = max((k for k in results if k.startswith("ours")), key=lambda k: results[k]["samples_per_s"])
     ratio = results[best_label]["samples_per_s"] / results["reference"]["samples_per_s"]
     print(f"speed-up: {best_label} / reference = {ratio:.2f}x")
@@ -294,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{ANCHOR_SAMPLES_PER_S:.0f} samples/s on one H100 at 40% of {PEAK_BF16_TFLOPS['H100']:.0f} TFLOP/s; "
           f"counted here {best['tflop_per_sample']:.4g} TFLOP/sample, {best['samples_per_s']:.1f} samples/s "
           f"({best['samples_per_s'] / ANCHOR_SAMPLES_PER_S:.1%} of the anchor rate)")
+    global_batch = batch * args.accumulation * args.processes
+    per_process = best["samples_per_s"]
+    print(f"effective global batch: {batch} per step x {args.accumulation} accumulation x {args.processes} "
+          f"process(es) = {global_batch}; at {per_process:.2f} samples/s per process that is "
+          f"{per_process * args.processes / global_batch:.3g} optimizer steps/s "
+          f"({per_process * args.processes:.1f} samples/s, communication not counted)")
     if args.profile:
         profile(loops[best_label], device)
     if args.size == "tiny":
