@@ -12,7 +12,7 @@ One :class:`IdentityAttention` holds the state every processor of one UNet reads
   ("middle", 0), ``up_blocks[i]`` -> ("output", levels - 1 - i), :func:`stage_for_level`).
 - ``record()``: while active each cross-attention layer appends ``(name, probs)`` to ``records``,
   ``probs [N, heads, HW, L]`` the softmax of its query-key scores (float32, with gradients), and
-  computes its output from them. Set ``collecting = False`` before ``backward()`` under gradient
+  computes its output from them (only layers with at most ``max_queries`` queries). Set ``collecting = False`` before ``backward()`` under gradient
   checkpointing: the recomputed forward then computes the same way without recording twice.
 
 Without ``kv`` and without recording the processor computes exactly what diffusers'
@@ -67,6 +67,7 @@ class IdentityAttention:
     num_timesteps: int = 1000
     kv: tuple[torch.Tensor, torch.Tensor] | None = None
     row_stages: torch.Tensor | None = None  # [N] long, set per UNet call (time stages)
+    max_queries: int | None = None  # record only layers with at most this many queries (None: all)
     recording: bool = False  # compute probabilities explicitly (and keep doing so in a checkpoint recompute)
     collecting: bool = False  # append them to ``records``
     records: list[tuple[str, torch.Tensor]] = field(default_factory=list)
@@ -167,7 +168,7 @@ class IdentityAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if state.recording:
+        if state.recording and (state.max_queries is None or query.shape[2] <= state.max_queries):
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [N, h, HW, L]
             if attention_mask is not None:
                 scores = scores + attention_mask.float()

@@ -7,8 +7,9 @@ One step (seeded by ``(seed, step)``, so a run is reproducible):
     t ~ U{0..T-1}, noise ~ N(0, I); x_t = add_noise(latents, noise, t)
     words:     context = text(prompt with S*)
     per_stage: keys = text(prompt with K[stage(t)]), values = text(prompt with V[stage(t)])
+               (SDXL's pooled embedding from the key encoding, as in the ComfyUI node)
     mse  = || UNet(x_t, t, context) - target ||^2             # target: noise or velocity
-    attn = mean over cross-attention layers and samples of dreamid_core.attention_loss
+    attn = mean over cross-attention layers (<= 1024 queries) and samples of dreamid_core.attention_loss
            .face_attention_loss(maps with S*, maps of the class-word prompt, face mask)
     loss = mse + attn_weight * attn                           # attn_weight 0: plain textual inversion
 
@@ -59,6 +60,7 @@ class RunOptions:
     gradient_checkpointing: bool = False
     log_every: int = 10
     attn_terms: tuple[float, float, float] = (1.0, 1.0, 1.0)  # context, class, face weights inside the loss
+    attn_max_queries: int | None = 1024  # attention loss on layers up to 32x32 at 512 px (as the ComfyUI node)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class IdentityLearner:
         self.num_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
         self.state, self._uninstall = install(base.unet, num_stages=cfg.num_stages, stage_kind=cfg.stage_kind,
                                               num_timesteps=self.num_timesteps)
+        self.state.max_queries = self.opts.attn_max_queries
         self._checkpointing = bool(getattr(base.unet, "is_gradient_checkpointing", False))
         if self.opts.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
@@ -134,16 +137,16 @@ class IdentityLearner:
         if self.cfg.stage_kind == "time":  # each row needs only its own stage: encode those
             rows = torch.tensor([stage_for_timestep(float(t), self.cfg.num_stages, self.num_timesteps)
                                  for t in timesteps.tolist()])
-            keys, _ = self._encode(prompts, {k: p[rows, 0] for k, p in self.params.items()})
-            values, pooled = self._encode(prompts, {k: p[rows, 1] for k, p in self.params.items()})
-            return values, pooled, (keys[None], values[None])
+            keys, pooled = self._encode(prompts, {k: p[rows, 0] for k, p in self.params.items()})
+            values, _ = self._encode(prompts, {k: p[rows, 1] for k, p in self.params.items()})
+            return keys, pooled, (keys[None], values[None])
         keys, values, pooled = [], [], None
         for s in range(self.cfg.num_stages):
-            keys.append(self._encode(prompts, {k: p[s, 0][None].expand(b, -1, -1) for k, p in self.params.items()})[0])
-            v, pooled_s = self._encode(prompts, {k: p[s, 1][None].expand(b, -1, -1) for k, p in self.params.items()})
-            values.append(v)
+            k_s, pooled_s = self._encode(prompts, {k: p[s, 0][None].expand(b, -1, -1) for k, p in self.params.items()})
+            keys.append(k_s)
+            values.append(self._encode(prompts, {k: p[s, 1][None].expand(b, -1, -1) for k, p in self.params.items()})[0])
             pooled = pooled_s if pooled is None else pooled
-        return values[0], pooled, (torch.stack(keys), torch.stack(values))
+        return keys[0], pooled, (torch.stack(keys), torch.stack(values))
 
     def unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, pooled) -> torch.Tensor:
         kwargs = {}

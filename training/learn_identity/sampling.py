@@ -6,8 +6,8 @@
   (:mod:`.attention`) then reads ``keys[stage]`` / ``values[stage]`` instead of the prompt context,
   the stage coming from each UNet call's timestep (or from the layer, ``stage_kind="unet"``). With
   classifier-free guidance the pipeline runs ``[negative, positive]`` rows, so the contexts are
-  built the same way. The pipeline's own ``prompt_embeds`` are the stage-0 value encoding (they
-  only reach the UNet's pooled/added conditioning on SDXL; every cross-attention reads the stages).
+  built the same way. The pipeline's own ``prompt_embeds`` are the stage-0 key encoding (SDXL's
+  pooled embedding comes from it, as in training; every cross-attention reads the stages).
 """
 
 from __future__ import annotations
@@ -49,16 +49,16 @@ class IdentityGenerator(DiffusersGenerator):
         neg, neg_pooled = encode([self.negative_prompt] * len(prompts), None)
         keys, values, pooled = [], [], None
         for s in range(stages):
-            keys.append(encode(prompts, {key: v[:, s, 0] for key, v in parts.items()})[0])
-            v, p = encode(prompts, {key: v[:, s, 1] for key, v in parts.items()})
-            values.append(v)
-            pooled = p if pooled is None else pooled
+            k_s, p_s = encode(prompts, {key: v[:, s, 0] for key, v in parts.items()})
+            keys.append(k_s)
+            values.append(encode(prompts, {key: v[:, s, 1] for key, v in parts.items()})[0])
+            pooled = p_s if pooled is None else pooled
         cfg = self.guidance > 1.0
         key_ctx, value_ctx = torch.stack(keys), torch.stack(values)  # [S, B, L, C]
         if cfg:  # the pipeline's rows: negative first, then the prompts
             neg_s = neg[None].expand(stages, *neg.shape)
             key_ctx, value_ctx = torch.cat([neg_s, key_ctx], dim=1), torch.cat([neg_s, value_ctx], dim=1)
-        kwargs: dict[str, Any] = dict(prompt_embeds=values[0], negative_prompt_embeds=neg)
+        kwargs: dict[str, Any] = dict(prompt_embeds=keys[0], negative_prompt_embeds=neg)
         if base.family == "sdxl":
             kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
         generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
