@@ -1,11 +1,11 @@
-"""Where MTCNN's networks look: every pyramid level of every photo packed into one canvas (one
-P-Net call per batch), and the box crops R-Net/O-Net see, sampled from an area-averaged mip chain.
+"""Where MTCNN's networks look: pyramid levels packed into shared canvases for P-Net, and the
+box crops R-Net/O-Net see, sampled from an area-averaged mip chain.
 
 Packing: P-Net is fully convolutional with a 12 px window and stride 2, so levels placed at even
 offsets in one canvas give, for every cell whose window lies inside a level, the output a separate
-call on that level gives (cells whose window straddles two levels are masked out). The old
-cascade called P-Net once per level per photo: ten small calls per photo, each paying the
-per-call overhead and none large enough to keep the CPU's vector units or a GPU busy.
+call on that level gives (cells whose window straddles two levels are masked out). The cascade
+packs the small levels of all photos of a batch into one canvas (see ``MTCNNDetector._propose``
+for why the large ones keep a call each).
 
 Crops: a box of side ``b`` resampled to ``size`` px is read from the mip ``m`` (the photo
 area-averaged ``2^m`` times) where ``b / 2^m`` lies in ``[size, 2 size)``, with 2x2 bilinear
