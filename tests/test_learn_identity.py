@@ -189,6 +189,12 @@ def test_per_stage_with_every_key_and_value_equal_is_the_words_pipeline(tiny, st
     changed["clip_h"][1, 0] = torch.randn(2, TINY_TEXT_WIDTH)  # stage 1's keys: t 200..399 / the middle block
     other = gen.batch(prompts, seeds, parts={k: v[None].expand(2, *v.shape) for k, v in changed.items()})
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(other[0]))
+    # without classifier-free guidance the UNet sees only the prompts' rows
+    plain1 = DiffusersGenerator(base, steps=2, guidance=1.0).batch(
+        prompts, seeds, parts={k: v[None].expand(2, -1, -1) for k, v in words.items()})
+    staged1 = IdentityGenerator(base, num_stages=5, stage_kind=stage_kind, steps=2, guidance=1.0).batch(
+        prompts, seeds, parts={k: v[None].expand(2, *v.shape) for k, v in ident.tensors.items()})
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain1, staged1, strict=True))
 
 
 def _cli_args(tiny, out, *extra):
