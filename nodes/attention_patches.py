@@ -1,0 +1,124 @@
+"""ComfyUI attention patches of the pack, set on a MODEL clone through the patch API (never a forward).
+
+- :class:`PerStagePatch` (``set_model_attn2_patch``): for the batch chunks that are the positive
+  (``extra_options["cond_or_uncond"] == 0``), swaps ``context_attn2`` / ``value_attn2`` for the stage's
+  key / value prompt encodings (length repeated like ComfyUI's own cond batching, dtype and device of the
+  context it replaces). The stage comes from the step's sigma (``stage_kind="time"``) or the UNet block
+  (``"unet"``), through ``dreamid_core.stages``.
+- :class:`AttentionRecorder` (``set_model_attn2_replace`` on every cross-attention block): computes
+  ``softmax(q k^T) v`` with ``dreamid_core.attention_loss`` and keeps the probability maps of layers
+  with at most ``max_queries`` queries while ``recording`` is on, for the attention loss and face mass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..dreamid_core.attention_loss import attention_output, attention_probs
+from ..dreamid_core.stages import UNetLayout, layout_from_unet_config, stage_for_block, stage_for_timestep
+
+
+def attention_blocks(model_patcher) -> list[tuple[str, int]]:
+    """ComfyUI block ids (``("input", 1)``, ``("middle", 0)``, ``("output", 3)``) holding cross-attention."""
+    dm = model_patcher.model.diffusion_model
+
+    def has_attn(module) -> bool:
+        return any(getattr(m, "attn2", None) is not None for m in module.modules())
+
+    blocks = [("input", i) for i, b in enumerate(dm.input_blocks) if has_attn(b)]
+    if getattr(dm, "middle_block", None) is not None and has_attn(dm.middle_block):
+        blocks.append(("middle", 0))
+    blocks += [("output", i) for i, b in enumerate(dm.output_blocks) if has_attn(b)]
+    if not blocks:
+        raise ValueError(f"{type(dm).__name__} has no cross-attention blocks; DreamIdentity needs an SD1.x, SD2.x "
+                         "or SDXL UNet")
+    return blocks
+
+
+def unet_layout(model_patcher) -> UNetLayout:
+    return layout_from_unet_config(model_patcher.model.model_config.unet_config)
+
+
+def stage_selector(model_patcher, num_stages: int, stage_kind: str) -> Callable[[dict, int], int]:
+    """``select(extra_options, row) -> stage`` for the chunk that starts at batch row ``row``."""
+    if stage_kind == "unet":
+        layout = unet_layout(model_patcher)
+        return lambda extra, row: stage_for_block(tuple(extra["block"][:2]), num_stages, layout)
+    sampling = model_patcher.get_model_object("model_sampling")
+    cache: dict[float, int] = {}
+
+    def by_time(extra: dict, row: int) -> int:
+        sigmas = extra.get("sigmas")
+        if sigmas is None:
+            raise RuntimeError("the per-stage patch got no sigma from ComfyUI (transformer_options['sigmas'])")
+        sigma = sigmas[min(row, sigmas.shape[0] - 1)].reshape(1)
+        key = float(sigma)
+        if key not in cache:
+            cache[key] = stage_for_timestep(float(sampling.timestep(sigma.float())), num_stages)
+        return cache[key]
+
+    return by_time
+
+
+def _fit(ctx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``ctx [1 or n, l, C]`` shaped as ``like [n, L, C]``: repeated along the tokens (L a multiple of l,
+    as ComfyUI's CONDCrossAttn.concat pads), on ``like``'s device and dtype."""
+    n, length, width = like.shape
+    if ctx.shape[-1] != width:
+        raise ValueError(f"per-stage context is {ctx.shape[-1]} wide but the model's context is {width} wide; use "
+                         "an identity made for this model family")
+    if length != ctx.shape[1]:
+        if length % ctx.shape[1]:
+            raise ValueError(f"per-stage context of {ctx.shape[1]} tokens cannot fill a {length}-token context")
+        ctx = ctx.repeat(1, length // ctx.shape[1], 1)
+    return ctx.to(device=like.device, dtype=like.dtype).expand(n, -1, -1)
+
+
+class PerStagePatch:
+    """attn2_patch: cond chunks get the stage's key / value contexts (see the module docstring)."""
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                 select: Callable[[dict, int], int]) -> None:
+        if len(keys) != len(values) or not keys:
+            raise ValueError(f"need one key and one value context per stage, got {len(keys)} and {len(values)}")
+        self.keys, self.values, self.select = list(keys), list(values), select
+
+    def __call__(self, n, context_attn2, value_attn2, extra_options):
+        kinds = list(extra_options.get("cond_or_uncond") or [0])
+        if 0 not in kinds:
+            return n, context_attn2, value_attn2
+        value_attn2 = context_attn2 if value_attn2 is None else value_attn2
+        chunk = context_attn2.shape[0] // len(kinds)
+        ks, vs = list(context_attn2.split(chunk)), list(value_attn2.split(chunk))
+        for i, kind in enumerate(kinds):
+            if kind == 0:
+                stage = self.select(extra_options, i * chunk)
+                ks[i], vs[i] = _fit(self.keys[stage], ks[i]), _fit(self.values[stage], vs[i])
+        return n, torch.cat(ks), torch.cat(vs)
+
+
+class AttentionRecorder:
+    """attn2_replace: attention computed from probabilities, maps kept while ``recording``."""
+
+    def __init__(self, max_queries: int = 1024) -> None:
+        self.max_queries = max_queries
+        self.recording = False
+        self.maps: list[torch.Tensor] = []  # [B, heads, HW, T] per recorded layer call
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        probs = attention_probs(q, k, heads)  # [B, heads, HW, T] float32
+        if self.recording and q.shape[1] <= self.max_queries:
+            self.maps.append(probs)
+        return attention_output(probs, v, heads)
+
+    def take(self) -> list[torch.Tensor]:
+        maps, self.maps = self.maps, []
+        return maps
+
+
+def add_recorder(model_patcher, recorder: AttentionRecorder) -> None:
+    for block_name, number in attention_blocks(model_patcher):
+        model_patcher.set_model_attn2_replace(recorder, block_name, number)

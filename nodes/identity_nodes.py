@@ -1,0 +1,182 @@
+"""DreamID_ApplyPerStageIdentity, DreamID_LoadIdentity, DreamID_SaveLearnedIdentity.
+
+A learned identity travels as DREAMID_IDENTITY (``dreamid_core.learned_identity.LearnedIdentity``, both
+layouts). ``per_stage`` files go to ``models/dreamidentity/identities``: their tensors are ``[S, 2, k, D]``,
+which ComfyUI's ``embedding:NAME`` loader would misread, so they must not sit in ``models/embeddings``;
+``words`` identities are standard textual-inversion files and go to ``models/embeddings``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import folder_paths
+
+from ..dreamid_core import sanitize_name
+from ..dreamid_core.identity import IdentityEmbeds
+from ..dreamid_core.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
+from .attention_patches import PerStagePatch, stage_selector
+from .comfy_tokens import tokenize_with_identities, tokenizer_keys
+
+logger = logging.getLogger(__name__)
+CATEGORY = "DreamIdentity"
+IDENTITY_FOLDER = "dreamid_identities"
+NO_FILES = "(no identity files)"
+_EXTS = {".safetensors", ".pt", ".bin"}
+
+
+def register_identity_folder() -> None:
+    """``models/dreamidentity/identities`` as folder ``dreamid_identities`` (merged, like paths.py does)."""
+    default = os.path.join(folder_paths.models_dir, "dreamidentity", "identities")
+    if IDENTITY_FOLDER in folder_paths.folder_names_and_paths:
+        paths, known = folder_paths.folder_names_and_paths[IDENTITY_FOLDER]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = (paths, set(known) | _EXTS if known else set())
+    else:
+        folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = ([default], set(_EXTS))
+
+
+def identity_files() -> list[str]:
+    names = [f"identities/{n}" for n in folder_paths.get_filename_list(IDENTITY_FOLDER)]
+    names += [f"embeddings/{n}" for n in folder_paths.get_filename_list("embeddings")
+              if Path(n).suffix in _EXTS]
+    return names or [NO_FILES]
+
+
+def identity_path(name: str) -> str:
+    folder, _, rest = name.partition("/")
+    source = {"identities": IDENTITY_FOLDER, "embeddings": "embeddings"}.get(folder)
+    if name == NO_FILES or source is None or not rest:
+        raise FileNotFoundError(f"identity {name!r}: pick a file from the list (models/dreamidentity/identities or "
+                                "models/embeddings); press R to refresh it after adding files.")
+    return folder_paths.get_full_path_or_raise(source, rest)
+
+
+def representative_embeds(ident: LearnedIdentity) -> IdentityEmbeds:
+    """DREAMID_EMBEDS for any identity: ``words`` -> S*; ``per_stage`` -> the first sampling stage's
+    (noisiest, layout-deciding) KEY vectors, an approximation for nodes that take one S*."""
+    if ident.layout == "words":
+        return ident.to_embeds()
+    s = ident.config.num_stages - 1
+    parts = {k: v.clone() for k, v in ident.stage_vectors(s, "key").items()}
+    return IdentityEmbeds(parts=parts, info={"target": ident.config.target, "learned": True,
+                                             "from_per_stage": f"stage {s} key"})
+
+
+def clip_single_key(clip) -> str | None:
+    keys = tokenizer_keys(clip) if clip is not None else []
+    return f"clip_{keys[0]}" if len(keys) == 1 else None
+
+
+def apply_per_stage(model, clip, ident: LearnedIdentity, text: str, trigger: str):
+    """(MODEL clone with the per-stage attn2 patch for ``text``, the positive CONDITIONING)."""
+    S = ident.config.num_stages if ident.layout == "per_stage" else 1
+    contexts = {}
+    for s in range(S):
+        for kv in ("key", "value"):
+            tokens, _ = tokenize_with_identities(clip, text, {trigger: ident.stage_vectors(s, kv)})
+            contexts[(s, kv)] = clip.encode_from_tokens(tokens, return_pooled=True)[0]
+    tokens, _ = tokenize_with_identities(clip, text, {trigger: ident.stage_vectors(S - 1, "key")})
+    positive = clip.encode_from_tokens_scheduled(tokens)
+    patched = model.clone()
+    kind = ident.config.stage_kind if ident.layout == "per_stage" else "time"
+    patched.set_model_attn2_patch(PerStagePatch([contexts[(s, "key")] for s in range(S)],
+                                                [contexts[(s, "value")] for s in range(S)],
+                                                stage_selector(patched, S, kind)))
+    return patched, positive
+
+
+class DreamIDApplyPerStageIdentity:
+    DESCRIPTION = ("Generates with a per-stage identity: for the positive prompt, every cross-attention layer gets "
+                   "the keys from the stage's KEY tokens and the values from its VALUE tokens (stages by denoising "
+                   "time, or by UNet block, as the identity was learned). Connect the MODEL and the positive "
+                   "CONDITIONING to a sampler. A words identity works too (then it equals DreamID_InjectIDTokens).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The checkpoint's MODEL; a patched clone is returned."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
+            "identity": ("DREAMID_IDENTITY", {"tooltip": "From DreamID_LearnIdentity or DreamID_LoadIdentity."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "default": "a photo of S*, looking at the camera, detailed face",
+                                "tooltip": "The positive prompt; write the trigger where the person goes."}),
+            "trigger": ("STRING", {"default": "S*", "tooltip": "The word that stands for the identity."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive")
+    OUTPUT_TOOLTIPS = ("MODEL with the per-stage patch (the input MODEL is unchanged).",
+                       "The positive conditioning to use with that MODEL.")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, clip, identity: LearnedIdentity, text, trigger):
+        if clip is None:
+            raise RuntimeError("the clip input is None: connect the checkpoint's CLIP (or a CLIPLoader).")
+        return apply_per_stage(model, clip, identity, text, trigger)
+
+
+class DreamIDLoadIdentity:
+    DESCRIPTION = ("Loads an identity file: a per-stage identity from models/dreamidentity/identities, or any "
+                   "textual-inversion embedding from models/embeddings (.safetensors; .pt/.bin only if they load "
+                   "with weights_only, i.e. hold no code). Use it as the identity, or as the init of a learning run.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "identity_name": (identity_files(), {"tooltip": "identities/... = per-stage or learned files; "
+                                                            "embeddings/... = textual-inversion files."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "Only for single-tensor embeddings whose width does not say which text "
+                                         "encoder they are for: the CLIP they were made for."}),
+        }}
+
+    RETURN_TYPES = ("DREAMID_IDENTITY", "DREAMID_EMBEDS")
+    RETURN_NAMES = ("identity", "id_embeds")
+    OUTPUT_TOOLTIPS = ("The identity (words or per_stage).", "S* (a per-stage identity gives its first sampling "
+                       "stage's key vectors).")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, identity_name, clip=None):
+        ident = load_learned_identity(identity_path(identity_name), single_key=clip_single_key(clip))
+        logger.info("DreamIdentity: loaded %s identity %s (k=%d)", ident.layout, identity_name, ident.num_tokens)
+        return (ident, representative_embeds(ident))
+
+
+class DreamIDSaveLearnedIdentity:
+    DESCRIPTION = ("Saves a learned identity with its settings as metadata. words: a standard textual-inversion "
+                   "file in models/embeddings ('embedding:NAME' works in any prompt). per_stage: one .safetensors in "
+                   "models/dreamidentity/identities, for DreamID_LoadIdentity + DreamID_ApplyPerStageIdentity.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "identity": ("DREAMID_IDENTITY", {"tooltip": "From DreamID_LearnIdentity."}),
+            "name": ("STRING", {"default": "my_identity", "tooltip": "File name without extension."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("file",)
+    OUTPUT_TOOLTIPS = ("Where it was saved: 'embedding:NAME' (words) or 'identities/NAME.safetensors'.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    def save(self, identity: LearnedIdentity, name, overwrite):
+        clean = sanitize_name(name)
+        if identity.layout == "words":
+            folder = Path(folder_paths.get_folder_paths("embeddings")[0])
+            path = save_learned_identity(folder / clean, identity, overwrite=overwrite)
+            label = f"embedding:{clean}"
+        else:
+            folder = Path(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0])
+            path = save_learned_identity(folder / clean, identity, overwrite=overwrite)
+            label = f"identities/{path.name}"
+        return {"ui": {"text": [f"saved {path}: {label}"]}, "result": (label,)}
+

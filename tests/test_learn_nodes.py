@@ -1,0 +1,261 @@
+"""DreamID_LearnIdentity and the identity nodes inside a real ComfyUI (in-process, CPU), with tiny real
+models (a 32-channel SD2-layout UNet in a ModelPatcher, the tiny checkpoint's VAE, a tiny real CLIP with
+ComfyUI's fp16 text-encoder weights) and a real face photo."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfy_env import load_pack
+from face_photos import face_photo, needs_photos
+
+pytestmark = [pytest.mark.comfyui, needs_photos]
+PACK = Path(__file__).resolve().parents[1]
+RES = 64  # 8x8 latents
+SMALL_CONTEXT = 96  # tiny_clip("sd2") width
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui):
+    nodes = load_pack(comfyui.nodes, PACK)
+    assert {"DreamID_LearnIdentity", "DreamID_ApplyPerStageIdentity", "DreamID_LoadIdentity",
+            "DreamID_SaveLearnedIdentity"} <= set(nodes)
+    root = nodes["DreamID_LearnIdentity"].__module__.split(".nodes.")[0]
+    return {"nodes": nodes, "mods": lambda name: sys.modules[f"{root}.{name}"]}
+
+
+def small_sd2_model(seed: int = 0):
+    """An SD2-layout (eps, one level) UNet with 32 channels and context width 96, in a ModelPatcher."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_tiny import init_weights_, tiny_sd2_unet_config
+
+    config = comfy.supported_models.SD20(tiny_sd2_unet_config() | {"model_channels": 32,
+                                                                   "context_dim": SMALL_CONTEXT})
+    config.unet_config["num_head_channels"] = 16  # SD20 forces 64, wider than these 32 channels
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    init_weights_(model.diffusion_model, seed)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@pytest.fixture(scope="module")
+def models(comfyui, tmp_path_factory):
+    import comfy.sd
+    from comfy_tiny import tiny_clip, write_tiny_sd2_checkpoint
+
+    ckpt = write_tiny_sd2_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_sd2.safetensors")
+    with torch.inference_mode():  # as ComfyUI loads them: the weights are inference tensors
+        _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)
+        model = small_sd2_model()
+        clip = tiny_clip("sd2")  # fp16 weights, ComfyUI's default
+    return {"model": model, "clip": clip, "vae": vae}
+
+
+def photo(person="tom", size=128):
+    return torch.from_numpy(np.asarray(face_photo(person, size=size), dtype=np.float32) / 255.0)[None]
+
+
+def learn(pack, models, *, steps=4, lr=0.01, weight=0.003, layout="words", seed=0, image=None, **kw):
+    node = pack["nodes"]["DreamID_LearnIdentity"]()
+    args = dict(model=models["model"], clip=models["clip"], vae=models["vae"], image=photo() if image is None else image,
+                steps=steps, learning_rate=lr, attention_loss_weight=weight, layout=layout, num_tokens=2,
+                init_word="person", class_word="person", resolution=RES, batch_size=1, seed=seed,
+                gradient_checkpointing=False) | kw
+    with torch.inference_mode():  # the whole prompt runs under inference mode in ComfyUI
+        out = node.learn(**args)
+    return out["result"]
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def leftover_wrappers(module: torch.nn.Module) -> int:
+    return sum(len(getattr(m, k, None) or []) for m in module.modules() for k in ("weight_function", "bias_function"))
+
+
+def sample(comfyui, model, positive, negative, seed=3, steps=3):
+    latent = {"samples": torch.zeros(1, 4, RES // 8, RES // 8)}
+    with torch.inference_mode():
+        return comfyui.nodes.KSampler().sample(model, seed, steps, 5.0, "euler", "normal", positive, negative,
+                                               latent, denoise=1.0)[0]["samples"]
+
+
+def encode(comfyui, clip, text):
+    with torch.inference_mode():
+        return comfyui.nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def test_words_learning_lowers_the_loss_and_leaves_the_inputs_untouched(comfyui, pack, models):
+    model, clip = models["model"], models["clip"]
+    neg = encode(comfyui, clip, "blurry")
+    before = (state_hash(model.model), state_hash(clip.cond_stage_model), dict(model.model_options),
+              sample(comfyui, model, encode(comfyui, clip, "a photo of a person"), neg))
+    ident, embeds, out_model, positive, curve = learn(pack, models, steps=6, lr=0.005)
+    extra = ident.config.extra
+    assert extra["final_diffusion_loss"] < extra["initial_diffusion_loss"]  # fixed noise, every photo
+    assert ident.layout == "words" and ident.tensors["clip_h"].shape == (2, SMALL_CONTEXT)
+    assert ident.config.init == "word:person" and ident.config.steps == 6
+    init = clip.cond_stage_model.clip_h.transformer.get_input_embeddings().weight[2533].float()
+    assert not torch.allclose(ident.tensors["clip_h"][0], init)  # gradients reached S* through the fp16 CLIP
+    assert torch.equal(embeds.parts["clip_h"], ident.tensors["clip_h"])
+    assert out_model is model  # words: the MODEL passes through
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and float(curve.max()) <= 1.0
+    assert state_hash(model.model) == before[0] and state_hash(clip.cond_stage_model) == before[1]
+    assert model.model_options == before[2] and leftover_wrappers(model.model) == 0
+    assert leftover_wrappers(clip.cond_stage_model) == 0
+    assert torch.equal(sample(comfyui, model, encode(comfyui, clip, "a photo of a person"), neg), before[3])
+
+
+def test_attention_loss_moves_identity_attention_into_the_face(pack, models):
+    # same seed, same steps; only the attention loss differs (weighted up so 4 CPU steps show the direction)
+    off = learn(pack, models, steps=4, lr=0.05, weight=0.0)[0].config.extra
+    on = learn(pack, models, steps=4, lr=0.05, weight=2.0)[0].config.extra
+    assert off["initial_face_mass"] == on["initial_face_mass"]  # identical start, measured by the same patch
+    assert on["face_mass"] > off["face_mass"]
+    assert on["face_mass"] > on["initial_face_mass"]
+
+
+def test_encoder_init_starts_where_word_init_arrives(pack, models):
+    """Wiring check: an encoder whose S* is a word-init run's result starts at (or below) the loss that
+    run needed its steps to reach."""
+    from dreamid_core import BackboneConfig, EncoderConfig, FacePipeline, IDEncoder, make_detector
+
+    learned = learn(pack, models, steps=6, lr=0.005, weight=0.0)[0]
+    target = learned.config.extra["final_diffusion_loss"]
+    assert learned.config.extra["initial_diffusion_loss"] > target
+    torch.manual_seed(0)
+    bb = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
+    enc = IDEncoder(EncoderConfig(backbone=bb, target="sd2", token_widths=(("clip_h", SMALL_CONTEXT),),
+                                  tap_layers=(1, 2, 3, 4), hidden_dim=32)).eval()
+    with torch.no_grad():
+        for i, proj in enumerate(enc.projections):  # S* token i = the learned vector i, for any face
+            proj.out.weight.zero_()
+            proj.out.bias.copy_(learned.tensors["clip_h"][i])
+    import comfy.model_patcher
+
+    bundle_cls = pack["mods"]("nodes.encoder_nodes").EncoderBundle
+    patcher = comfy.model_patcher.ModelPatcher(enc, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    bundle = bundle_cls(patcher, FacePipeline(make_detector("mtcnn")), enc.config, "test-encoder")
+    with_encoder = learn(pack, models, steps=1, lr=1e-6, weight=0.0, encoder=bundle)[0]
+    assert with_encoder.config.init == "encoder"
+    assert with_encoder.config.extra["initial_diffusion_loss"] <= target + 1e-6
+
+
+def _ident(pack, clip, stages=5, kind="time"):
+    li = pack["mods"]("dreamid_core.learned_identity")
+    s_star = clip.cond_stage_model.clip_h.transformer.get_input_embeddings().weight[[338, 265]].float()
+    return li.LearnedIdentity.per_stage_from_words({"clip_h": s_star},
+                                                   li.IdentityConfig(num_stages=stages, stage_kind=kind)), s_star
+
+
+@pytest.mark.parametrize("kind", ["time", "unet"])
+def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, models, kind):
+    model, clip = models["model"], models["clip"]
+    ident, s_star = _ident(pack, clip, kind=kind)
+    text, neg = "a photo of S* in a garden", encode(comfyui, clip, "blurry")
+    embeds = pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts={"clip_h": s_star})
+    with torch.inference_mode():
+        injected = pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, text, "S*")
+        injected = injected["result"][0] if isinstance(injected, dict) else injected[0]
+        staged_model, positive = pack["nodes"]["DreamID_ApplyPerStageIdentity"]().apply(model, clip, ident, text, "S*")
+    assert staged_model is not model and not model.model_options["transformer_options"].get("patches")
+    reference = sample(comfyui, model, injected, neg)
+    assert torch.equal(sample(comfyui, staged_model, positive, neg), reference)
+    # the patch is live: another VALUE for one stage changes the image
+    ident.tensors["clip_h"][:, 1] += 0.5  # every stage's VALUE (a one-level UNet leaves some stages unused)
+    with torch.inference_mode():
+        changed, positive = pack["nodes"]["DreamID_ApplyPerStageIdentity"]().apply(model, clip, ident, text, "S*")
+    assert not torch.equal(sample(comfyui, changed, positive, neg), reference)
+
+
+def test_per_stage_learning_patches_a_clone(comfyui, pack, models):
+    model = models["model"]
+    ident, embeds, out_model, positive, _ = learn(pack, models, steps=2, layout="per_stage", num_stages=3)
+    assert ident.layout == "per_stage" and ident.tensors["clip_h"].shape == (3, 2, 2, SMALL_CONTEXT)
+    assert not torch.equal(ident.tensors["clip_h"][2, 0], ident.tensors["clip_h"][2, 1]) or \
+        not torch.equal(ident.tensors["clip_h"][0], ident.tensors["clip_h"][2])  # some stage was trained
+    assert out_model is not model and out_model.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert not model.model_options["transformer_options"].get("patches")
+    out = sample(comfyui, out_model, positive, encode(comfyui, models["clip"], "blurry"))
+    assert torch.isfinite(out).all()
+
+
+def test_cancel_mid_loop_leaves_nothing_and_the_next_run_works(pack, models):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            learn(pack, models, steps=6)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen[-1] == 2  # stopped right after step 2
+    assert leftover_wrappers(models["model"].model) == 0 and leftover_wrappers(models["clip"].cond_stage_model) == 0
+    assert not models["model"].model_options["transformer_options"].get("patches_replace")
+    assert learn(pack, models, steps=1)[0].config.steps == 1
+
+
+def test_gradient_checkpointing_gives_the_same_identity(pack, models):
+    plain = learn(pack, models, steps=2, weight=0.5)[0]
+    ckpt = learn(pack, models, steps=2, weight=0.5, gradient_checkpointing=True)[0]
+    assert torch.allclose(plain.tensors["clip_h"], ckpt.tensors["clip_h"], atol=1e-5)
+    dm = models["model"].model.diffusion_model
+    assert all("forward" not in b.__dict__ for b in [*dm.input_blocks, dm.middle_block, *dm.output_blocks])
+
+
+def test_bad_inputs_give_clear_errors(pack, models):
+    from comfy_tiny import tiny_clip
+
+    errors = pack["mods"]("dreamid_core.errors")  # the classes the pack raises (it is loaded as its own package)
+    DreamIDError, FaceNotFoundError = errors.DreamIDError, errors.FaceNotFoundError
+    with pytest.raises(FaceNotFoundError, match="No face"):
+        learn(pack, models, image=photo("none"))
+    with pytest.raises(DreamIDError, match="steps"):
+        learn(pack, models, steps=0)
+    with pytest.raises(DreamIDError, match="learning_rate=NaN"):
+        learn(pack, models, lr=float("nan"))
+    with pytest.raises(DreamIDError, match="vae input is None"):
+        learn(pack, models, vae=None)
+    with torch.inference_mode():
+        sd1 = tiny_clip("sd1")  # 64 wide: not this MODEL's family
+    with pytest.raises(DreamIDError, match="expects text features 96 wide"):
+        learn(pack, models, clip=sd1)
+
+
+def test_save_and_load_both_layouts(comfyui, pack, models):
+    comfyui.models_dir("embeddings")
+    ident_dir = comfyui.models_dir("dreamid_identities")
+    staged, _ = _ident(pack, models["clip"], stages=3)
+    save = pack["nodes"]["DreamID_SaveLearnedIdentity"]()
+    label = save.save(staged, "staged_me", False)["result"][0]
+    assert label == "identities/staged_me.safetensors" and (ident_dir / "staged_me.safetensors").is_file()
+    loaded, embeds = pack["nodes"]["DreamID_LoadIdentity"]().load(label)
+    assert loaded.layout == "per_stage" and torch.equal(loaded.tensors["clip_h"], staged.tensors["clip_h"])
+    li = pack["mods"]("dreamid_core.learned_identity")
+    words = li.LearnedIdentity.words({"clip_h": staged.tensors["clip_h"][0, 0]}, li.IdentityConfig(target="sd2"))
+    assert save.save(words, "words_me", False)["result"][0] == "embedding:words_me"
+    back, embeds = pack["nodes"]["DreamID_LoadIdentity"]().load("embeddings/words_me.safetensors", models["clip"])
+    assert back.layout == "words" and torch.equal(embeds.parts["clip_h"], words.tensors["clip_h"])
+    with pytest.raises(FileNotFoundError, match="pick a file"):
+        pack["nodes"]["DreamID_LoadIdentity"]().load("(no identity files)")
