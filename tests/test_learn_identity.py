@@ -233,7 +233,8 @@ def test_bad_input_fails_clearly(tiny, tmp_path, caplog):
         cli.run(args)
     for flag, value, message in [("--steps", "0", "steps must be an integer >= 1, got 0"),
                                  ("--lr", "nan", "learning rate must be a finite number > 0, got nan"),
-                                 ("--attn-weight", "-1", "attention-loss weight must be finite and >= 0")]:
+                                 ("--attn-weight", "-1", "attention-loss weight must be finite and >= 0"),
+                                 ("--resolution", "36", "resolution must be a positive multiple of 8")]:
         with pytest.raises(ValueError, match=message):
             cli.run(cli.build_parser().parse_args(_cli_args(tiny, tmp_path / "x", flag, value)))
     with pytest.raises(ValueError, match="steps must be"):

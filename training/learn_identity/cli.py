@@ -30,7 +30,7 @@ from dreamid_core.stages import STAGE_KINDS
 
 from .data import detect_faces, encode_photos, photo_paths
 from .init import as_layout, from_encoder, from_file, from_word
-from .loop import IdentityLearner, LearnResult, RunOptions
+from .loop import IdentityLearner, LearnResult, RunOptions, check_config
 
 logger = logging.getLogger("training.learn_identity")
 
@@ -104,10 +104,9 @@ def run(args: argparse.Namespace) -> LearnResult:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     cfg_probe = IdentityConfig(layout=args.layout, num_tokens=args.num_tokens or 2, num_stages=args.num_stages,
-                               stage_kind=args.stage_kind, steps=args.steps, lr=args.lr, attn_weight=args.attn_weight)
-    from .loop import check_config
-
-    check_config(cfg_probe, RunOptions(batch_size=args.batch_size))  # fail before loading anything
+                               stage_kind=args.stage_kind, steps=args.steps, lr=args.lr, attn_weight=args.attn_weight,
+                               resolution=args.resolution)
+    check_config(cfg_probe, RunOptions(batch_size=args.batch_size, scale_jitter=args.scale_jitter))  # before loading
     pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
                                           provider=args.provider, device=str(device)))
     photos, faces = detect_faces(photo_paths(args.photos), pipeline)

@@ -88,6 +88,11 @@ def check_config(cfg: IdentityConfig, opts: RunOptions) -> None:
                          "textual inversion, 0.003 = the paper's best)")
     if opts.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {opts.batch_size}")
+    if not isinstance(cfg.resolution, int) or cfg.resolution < 8 or cfg.resolution % 8:
+        raise ValueError(f"resolution must be a positive multiple of 8 (the VAE's factor), got {cfg.resolution!r}; "
+                         "512 for SD1.x / SD2.1-base, 768 for SD2.x-v, 1024 for SDXL")
+    if not (math.isfinite(opts.scale_jitter) and 0 <= opts.scale_jitter < 0.5):
+        raise ValueError(f"scale jitter must be in [0, 0.5), got {opts.scale_jitter!r} (0.1 = crops of 90-100 %)")
 
 
 class IdentityLearner:
