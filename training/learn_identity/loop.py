@@ -141,7 +141,7 @@ class IdentityLearner:
             return ctx, pooled, None
         if self.cfg.stage_kind == "time":  # each row needs only its own stage: encode those
             rows = torch.tensor([stage_for_timestep(float(t), self.cfg.num_stages, self.num_timesteps)
-                                 for t in timesteps.tolist()])
+                                 for t in timesteps.tolist()], device=self.device)
             keys, pooled = self._encode(prompts, {k: p[rows, 0] for k, p in self.params.items()})
             values, _ = self._encode(prompts, {k: p[rows, 1] for k, p in self.params.items()})
             return keys, pooled, (keys[None], values[None])
