@@ -25,63 +25,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dreamid_core import DreamIDError, FacePipeline, detector_names, load_encoder, make_detector
-from dreamid_core.learned_identity import load_learned_identity
 
 from . import evaluate as ev
 from .eval_report import _fmt
-from .learn_identity.init import check_widths
+from .learn_identity.evaluation import LearnedIdentitySource
 
 logger = logging.getLogger("training.evaluate_identities")
 
 COMPARISON_FIELDS = ("method", "source", "layout", "images", "text_alignment", "face_similarity", "no_face_rate",
                      "identity_time")
-
-
-class LearnedIdentitySource:
-    """Learned identities (or TI files) as an evaluation identity source: one file for every face, or a
-    folder with one file per test face."""
-
-    def __init__(self, path: str | Path, faces: dict[str, torch.Tensor], widths: dict[str, int]) -> None:
-        path = Path(path)
-        single = next(iter(widths)) if len(widths) == 1 else None
-        if path.is_file():
-            files = {name: path for name in faces}
-            self.fixed = True
-        elif path.is_dir():
-            files = {name: path / f"{name}.safetensors" for name in faces}
-            missing = [n for n, f in files.items() if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{path} has no identity for test face(s) {missing}; learn one per face, e.g. "
-                                        f"python -m training.learn_identity --photos <faces>/{missing[0]}.png --out "
-                                        f"{path}/{missing[0]}.safetensors")
-            self.fixed = False
-        else:
-            raise FileNotFoundError(f"identity file or folder not found: {path}")
-        loaded = {f: load_learned_identity(f, single_key=single) for f in set(files.values())}
-        for f, ident in loaded.items():
-            check_widths(ident.tensors, widths, f"identity {f.name}")
-        kinds = {(i.layout, i.num_tokens, i.config.num_stages if i.layout == "per_stage" else 1,
-                  i.config.stage_kind if i.layout == "per_stage" else "-") for i in loaded.values()}
-        if len(kinds) != 1:
-            raise ValueError(f"the identities in {path} differ in layout / k / stages: {sorted(kinds)}; evaluate "
-                             "each kind as its own --method")
-        self.layout, self.k, self.num_stages, self.stage_kind = kinds.pop()
-        self._faces = faces
-        self._tensors = {name: loaded[f].tensors for name, f in files.items()}
-        seconds = [i.config.extra.get("seconds") for i in loaded.values()]
-        self.learn_seconds = (sum(seconds) / len(seconds)) if all(isinstance(s, (int, float)) for s in seconds) else None
-        self.description = (f"learned identity ({self.layout}, k={self.k}"
-                            + (f", {self.num_stages} {self.stage_kind} stages" if self.layout == "per_stage" else "")
-                            + (", the same for every face)" if self.fixed else ", one per test face)"))
-
-    def parts(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
-        for name, face in self._faces.items():
-            if face is crop or (face.shape == crop.shape and torch.equal(face, crop)):
-                return self._tensors[name]
-        raise KeyError("the crop is none of the test faces this identity source was built for")
 
 
 def parse_method(text: str) -> tuple[str, str, Path]:
