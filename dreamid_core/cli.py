@@ -4,6 +4,10 @@ Without ComfyUI: detects and aligns faces with the built-in detector (no downloa
 112x112 crops; given an encoder file, also writes S* as a standard textual-inversion
 ``.safetensors`` that ComfyUI (``embedding:NAME``), A1111 and diffusers' ``load_textual_inversion``
 read. Prints a JSON summary on stdout; progress and warnings go to the log (stderr).
+
+``python -m dreamid_core download [WORKFLOW ...] --comfyui PATH`` fetches the public model files the
+workflows list into ComfyUI's folders (see :mod:`dreamid_core.download`); a photo that is literally
+named ``download`` is passed as ``./download``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def sample_photo() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreamid_core", description=__doc__.split("\n\n")[0],
+                                epilog="python -m dreamid_core download --help: fetch the models the workflows list",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("photos", nargs="*", type=Path, help="photos of ONE person (several are averaged)")
     p.add_argument("--sample", action="store_true", help="add the sample photo shipped with insightface")
@@ -96,6 +101,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["download"]:
+        from . import download  # the hub client is imported only for this command
+
+        return download.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
