@@ -5,7 +5,9 @@
 
 It does two things pip cannot express in requirements.txt:
 
-1. **Exactly one onnxruntime.** insightface depends on the CPU package ``onnxruntime``; installing
+1. **Exactly one onnxruntime, when insightface is installed.** insightface is optional (the pack's
+   built-in MTCNN detector needs neither it nor onnxruntime); without it and without any
+   onnxruntime nothing is installed here. insightface depends on the CPU package ``onnxruntime``; installing
    ``onnxruntime-gpu`` beside it makes both write into the same folder, and CUDA face detection
    silently disappears (the most reported install failure of identity packs). On a CUDA build of
    torch we keep ``onnxruntime-gpu`` alone; otherwise ``onnxruntime`` alone. A user's own single
@@ -49,6 +51,10 @@ def facenet_installed() -> bool:
         return False
 
 
+def insightface_installed() -> bool:
+    return importlib.util.find_spec("insightface") is not None
+
+
 def torch_cuda() -> bool:
     try:
         import torch
@@ -57,12 +63,15 @@ def torch_cuda() -> bool:
     return bool(getattr(torch.version, "cuda", None)) and sys.platform != "darwin"
 
 
-def plan(ort: dict[str, str], cuda: bool, facenet_installed: bool, override: str | None = None) -> list[list[str]]:
-    """pip argument lists to run, in order (pure: the tests call it with made-up states)."""
+def plan(ort: dict[str, str], cuda: bool, facenet_installed: bool, override: str | None = None,
+         insightface: bool = True) -> list[list[str]]:
+    """pip argument lists to run, in order (pure: the tests call it with made-up states).
+    ``insightface``: whether insightface is installed; without it no onnxruntime is added, but two
+    flavours already installed are still reduced to one."""
     steps: list[list[str]] = []
     if override not in (None, "", "cpu", "gpu", "skip"):
         raise ValueError(f"DREAMID_ORT must be cpu, gpu or skip, got {override!r}")
-    if override != "skip":
+    if override != "skip" and (insightface or ort):
         want = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime"}.get(override or "",
                                                                     "onnxruntime-gpu" if cuda else "onnxruntime")
         others = sorted(k for k in ort if k != want)
@@ -86,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[DreamIdentity install] %(message)s")
     ort = _runtime().onnxruntime_distributions()
-    steps = plan(ort, torch_cuda(), facenet_installed(), os.environ.get("DREAMID_ORT"))
-    logger.info("onnxruntime now: %s; torch CUDA: %s", ort or "none", torch_cuda())
+    has_insightface = insightface_installed()
+    steps = plan(ort, torch_cuda(), facenet_installed(), os.environ.get("DREAMID_ORT"), insightface=has_insightface)
+    logger.info("onnxruntime now: %s; torch CUDA: %s; insightface: %s", ort or "none", torch_cuda(),
+                "installed" if has_insightface else "not installed (optional: the built-in detector needs none)")
     if not steps:
         logger.info("nothing to do")
     for step in steps:
