@@ -28,15 +28,18 @@ _EXTS = {".safetensors", ".pt", ".bin"}
 
 
 def register_identity_folder() -> None:
-    """``models/dreamidentity/identities`` as folder ``dreamid_identities`` (merged, like paths.py does)."""
-    default = os.path.join(folder_paths.models_dir, "dreamidentity", "identities")
+    """Folder ``dreamid_identities`` = ``identities/`` inside every ``dreamidentity`` folder (so an
+    extra_model_paths.yaml entry for dreamidentity carries over), merged with any the user registered."""
+    bases = folder_paths.get_folder_paths("dreamidentity") if "dreamidentity" in folder_paths.folder_names_and_paths \
+        else [os.path.join(folder_paths.models_dir, "dreamidentity")]
+    defaults = [os.path.join(b, "identities") for b in bases]
     if IDENTITY_FOLDER in folder_paths.folder_names_and_paths:
         paths, known = folder_paths.folder_names_and_paths[IDENTITY_FOLDER]
-        if default not in paths:
-            paths.append(default)
-        folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = (paths, set(known) | _EXTS if known else set())
+        exts = set(known) | _EXTS if known else set()  # an empty set means "every extension"
     else:
-        folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = ([default], set(_EXTS))
+        paths, exts = [], set(_EXTS)
+    paths = list(paths) + [d for d in defaults if d not in paths]
+    folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = (paths, exts)
 
 
 def identity_files() -> list[str]:
