@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "COMFYUI_PATH"
 PACK_DIR = Path(__file__).resolve().parents[1]
+# screenshots, server logs, inputs the tests wrote; .ci/run gives each ComfyUI version its own folder
+ARTIFACTS = Path(os.environ.get("DREAMID_TEST_ARTIFACTS") or PACK_DIR / "test-artifacts")
 
 SKIP_REASON = (
     "no ComfyUI checkout found. To run these tests set COMFYUI_PATH to a ComfyUI checkout "

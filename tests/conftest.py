@@ -17,10 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
 
-from comfy_env import find_comfyui, import_comfyui, skip_reason  # noqa: E402
+from comfy_env import ARTIFACTS, find_comfyui, import_comfyui, skip_reason  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -103,14 +101,14 @@ def comfyui(comfy_path):
 def comfy_server(comfy_path):
     """A running ComfyUI server (``tests/comfy_server.ComfyServer``) with this pack and the test
     node pack loaded; stopped (process group killed, temp dir removed) at the end of the session.
-    Its log is kept as test-artifacts/comfy-server.log."""
+    Its log is kept as comfy-server.log in ``comfy_env.ARTIFACTS`` (test-artifacts/)."""
     from comfy_server import ComfyServer
 
     server = ComfyServer(comfy_path)
     try:
         server.start()
     except Exception:
-        ARTIFACTS.mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "comfy-server.log").write_text(server.log_text())
         server.stop()
         raise
@@ -118,7 +116,7 @@ def comfy_server(comfy_path):
     try:
         yield server
     finally:
-        ARTIFACTS.mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "comfy-server.log").write_text(server.log_text())
         server.stop()
 

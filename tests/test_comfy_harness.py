@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from comfy_env import ARTIFACTS
 from comfy_frontend import dismiss_notices, frontend_version, load_in_app, open_app
 from comfy_server import PromptRejected
 from comfy_tiny import (
@@ -24,7 +24,6 @@ from comfy_tiny import (
 from workflow_api import nodes_of, strip_meta, ui_to_api, use_tiny_clip
 
 CKPT, CONTROLNET = "tiny_sd2.safetensors", "tiny_cn.safetensors"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PACK_NODE_IDS = {"DreamID_LoadIDEncoder", "DreamID_EncodeFace", "DreamID_InjectIDTokens",
                  "DreamID_SaveIDEmbedding", "DreamID_ScenePosition"}
 
@@ -255,7 +254,7 @@ def test_browser_loads_workflow_and_converter_matches_frontend(comfy_server, ser
     t0 = time.monotonic()
     state = load_in_app(page, workflow)
     print(f"workflow loaded in {time.monotonic() - t0:.1f} s")
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfy-harness-workflow.png"))
     assert state["errors"] == [] and state["notices"] == [] and not state["missing_nodes"], state
     frontend = page.evaluate("async () => (await app.graphToPrompt()).output")
@@ -287,7 +286,7 @@ def test_browser_flags_missing_node_types(comfy_server, server_models, browser_p
         open_app(page, comfy_server.url)
     dismiss_notices(page)
     state = load_in_app(page, ui_workflow(server_models["hint"], extra_type="DreamID_NoSuchNode"))
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfy-harness-missing-node.png"))
     dismiss_notices(page)
     print(f"frontend {frontend_version(page)} says: {state['missing_text']!r}")

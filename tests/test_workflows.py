@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfy_env import ARTIFACTS
 from comfy_frontend import dismiss_notices, frontend_version, load_in_app
 from comfy_server import PromptRejected
 from PIL import Image
@@ -20,7 +21,6 @@ from workflow_api import load_workflow, nodes_of, set_inputs, strip_meta, ui_to_
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 PACK = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
-ARTIFACTS = PACK / "test-artifacts"
 _spec = importlib.util.find_spec("insightface")
 IMAGES = Path(_spec.origin).parent / "data" / "images" if _spec and _spec.origin else None
 
@@ -189,7 +189,7 @@ def test_every_workflow_opens_in_the_browser_without_missing_nodes(comfy_server,
     page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
     page.reload()
     page.wait_for_function("() => window.app && window.app.graph", timeout=60_000)
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"frontend {frontend_version(page)}")
     for path in WORKFLOWS:
         dismiss_notices(page)
