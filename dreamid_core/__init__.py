@@ -22,6 +22,7 @@ from .errors import (
     WeightFormatError,
 )
 from .faces import FacePipeline, FaceResult, PipelineReport
+from .learned_identity import IdentityConfig, LearnedIdentity, load_learned_identity, save_learned_identity
 from .tokens import ChunkLayout, PromptTokens, chunk_groups, prompt_groups, tokenize_prompt
 from .trigger import TriggerMatch, check_trigger, find_triggers, split_on_triggers
 from .weights import load_arcface_backbone, load_encoder, read_encoder_config, save_encoder
@@ -37,4 +38,5 @@ __all__ = [
     "MissingDependencyError", "ModelFilesError", "PipelineReport", "TriggerNotFoundError", "WeightFormatError",
     "detector_names", "load_arcface_backbone", "load_encoder", "make_detector",
     "read_encoder_config", "sanitize_name", "save_encoder", "write_embedding",
+    "IdentityConfig", "LearnedIdentity", "load_learned_identity", "save_learned_identity",
 ]

@@ -109,7 +109,7 @@ class DreamIDLearnIdentity:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Recompute UNet activations in the backward pass: much less memory, ~30% slower.")}),
+                    "Recompute UNet activations in the backward pass: less memory, more time.")}),
             },
             "optional": {
                 "encoder": ("DREAMID_ENCODER", {"tooltip": "Init from the encoder's S* (E4T style) and use its "
