@@ -44,6 +44,26 @@ class Detection:
         return Detection(box=box, score=self.score, landmarks=lm.astype(np.float32))
 
 
+def block_average(image: np.ndarray, factor: int) -> np.ndarray:
+    """An RGB ``uint8`` photo ``[H, W, 3]`` shrunk by averaging ``factor x factor`` blocks (the last,
+    partial blocks average what they cover): ``[ceil(H / factor), ceil(W / factor), 3]``.
+
+    For detecting on a huge photo without a float copy of it: rows first, on a zero-copy
+    single-channel view of the photo's bytes, then columns on the ``factor`` times smaller result
+    (8000x6000 by 6: 127 ms where a plain PIL ``reduce`` spends 160 ms just copying the photo in).
+    """
+    from PIL import Image
+
+    if factor < 1:
+        raise ValueError(f"block_average factor must be >= 1, got {factor}")
+    if factor == 1:
+        return image
+    h, w = image.shape[:2]
+    flat = Image.frombuffer("L", (w * 3, h), np.ascontiguousarray(image), "raw", "L", 0, 1)  # shares the bytes
+    rows = np.asarray(flat.reduce((1, factor))).reshape(-1, w, 3)  # [ceil(H / f), W, 3]
+    return np.array(Image.fromarray(rows).reduce((factor, 1)))
+
+
 @runtime_checkable
 class FaceDetector(Protocol):
     """Anything with a ``name`` and ``detect(rgb_uint8_hw3) -> list[Detection]``."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import align_face, apply_transform
-from .detection import Detection, FaceDetector
+from .detection import Detection, FaceDetector, block_average
 from .errors import FaceNotFoundError, FaceSelectionError
 from .images import to_rgb_list
 
@@ -70,9 +70,7 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     h, w = image.shape[:2]
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     if scale <= 0.25:  # a big photo: average whole blocks on uint8 first, not a float copy of every pixel
-        from PIL import Image
-
-        image = np.array(Image.fromarray(image).reduce(int(0.5 / scale)))  # leaves >= 2x for the resize below
+        image = block_average(image, int(0.5 / scale))  # leaves >= 2x for the resize below
     t = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
     out = F.interpolate(t, size=size, mode="bilinear", antialias=scale < 1.0, align_corners=False)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
