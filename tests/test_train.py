@@ -703,7 +703,7 @@ def test_torchrun_without_the_cpu_flag_is_stopped(cfg, tmp_path):
     run = tmp_path / "run"
     env = subprocess_env()
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.train", "--config", str(cfg_path), "--output-dir", str(run), "--num-workers", "0",
            "--report-to", "none", "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
