@@ -41,6 +41,13 @@ def unet_layout(model_patcher) -> UNetLayout:
     return layout_from_unet_config(model_patcher.model.model_config.unet_config)
 
 
+def unused_unet_stages(model_patcher, num_stages: int) -> list[int]:
+    """Stages no cross-attention block maps to under ``stage_kind="unet"`` (more stages than UNet units)."""
+    layout = unet_layout(model_patcher)
+    used = {stage_for_block(b, num_stages, layout) for b in attention_blocks(model_patcher)}
+    return [s for s in range(num_stages) if s not in used]
+
+
 def stage_selector(model_patcher, num_stages: int, stage_kind: str) -> Callable[[dict, int], int]:
     """``select(extra_options, row) -> stage`` for the chunk that starts at batch row ``row``."""
     if stage_kind == "unet":

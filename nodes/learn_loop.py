@@ -31,7 +31,13 @@ from ..dreamid_core.faces import FacePipeline
 from ..dreamid_core.learned_identity import IdentityConfig
 from ..dreamid_core.learning import LEARN_PROMPTS, context_pairs, noise_prediction_loss, sample_timesteps
 from ..dreamid_core.stages import stage_for_timestep
-from .attention_patches import AttentionRecorder, PerStagePatch, add_recorder, stage_selector
+from .attention_patches import (
+    AttentionRecorder,
+    PerStagePatch,
+    add_recorder,
+    stage_selector,
+    unused_unet_stages,
+)
 from .comfy_tokens import text_encoder, tokenize_with_identities, tokenizer_keys
 
 logger = logging.getLogger(__name__)
@@ -198,6 +204,10 @@ class Learner:
         if config.layout == "per_stage":
             self.patch = PerStagePatch([None] * S, [None] * S, stage_selector(self.mp, S, config.stage_kind))
             self.mp.set_model_attn2_patch(self.patch)
+            unused = unused_unet_stages(self.mp, S) if config.stage_kind == "unet" else []
+            if unused:
+                logger.warning("DreamIdentity: this UNet has fewer attention levels than %d stages; stages %s are never "
+                               "used (they keep their init). Lower num_stages or use stage_kind 'time'.", S, unused)
             init = {k: v.float()[None, None].expand(S, 2, -1, -1) for k, v in init.items()}
         self.params = {k: torch.nn.Parameter(v.detach().float().clone().to(self.clip.patcher.load_device))
                        for k, v in init.items()}

@@ -106,8 +106,10 @@ class DreamIDLearnIdentity:
                     "maps as with it and pulls the identity's attention into the face.")}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": (
                     "Training size (512 for SD1/SD2, 1024 for SDXL). Photos are cropped square around the face.")}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": (
+                    "Photos (augmented) per step; 1 fits artists' cards.")}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": (
+                    "Seeds the augmentation, timesteps and noise: the same seed gives the same identity.")}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": (
                     "Recompute UNet activations in the backward pass: less memory, more time.")}),
             },

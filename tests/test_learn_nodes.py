@@ -52,10 +52,10 @@ def models(comfyui, tmp_path_factory):
 
     ckpt = write_tiny_sd2_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_sd2.safetensors")
     with torch.inference_mode():  # as ComfyUI loads them: the weights are inference tensors
-        _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)
+        ckpt_model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)
         model = small_sd2_model()
         clip = tiny_clip("sd2")  # fp16 weights, ComfyUI's default
-    return {"model": model, "clip": clip, "vae": vae}
+    return {"model": model, "clip": clip, "vae": vae, "ckpt_model": ckpt_model}
 
 
 def photo(person="tom", size=128):
@@ -160,9 +160,20 @@ def _ident(pack, clip, stages=5, kind="time"):
                                                    li.IdentityConfig(num_stages=stages, stage_kind=kind)), s_star
 
 
-@pytest.mark.parametrize("kind", ["time", "unet"])
-def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, models, kind):
-    model, clip = models["model"], models["clip"]
+@pytest.fixture(scope="module")
+def checkpoint_models(models):
+    """The tiny SD2 checkpoint as CheckpointLoaderSimple detects it (320 channels, context 1024), with
+    the 1024-wide tiny CLIP that matches it."""
+    from comfy_tiny import server_sd2_clip
+
+    with torch.inference_mode():
+        return {"model": models["ckpt_model"], "clip": server_sd2_clip(), "vae": models["vae"]}
+
+
+@pytest.mark.parametrize("kind, which", [("time", "small"), ("unet", "small"), ("time", "checkpoint")])
+def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, models, checkpoint_models, kind, which):
+    chosen = models if which == "small" else checkpoint_models
+    model, clip = chosen["model"], chosen["clip"]
     ident, s_star = _ident(pack, clip, kind=kind)
     text, neg = "a photo of S* in a garden", encode(comfyui, clip, "blurry")
     embeds = pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts={"clip_h": s_star})
@@ -259,3 +270,14 @@ def test_save_and_load_both_layouts(comfyui, pack, models):
     assert back.layout == "words" and torch.equal(embeds.parts["clip_h"], words.tensors["clip_h"])
     with pytest.raises(FileNotFoundError, match="pick a file"):
         pack["nodes"]["DreamID_LoadIdentity"]().load("(no identity files)")
+
+
+def test_every_input_and_output_is_described(pack):
+    for node_id in ("DreamID_LearnIdentity", "DreamID_ApplyPerStageIdentity", "DreamID_LoadIdentity",
+                    "DreamID_SaveLearnedIdentity"):
+        cls = pack["nodes"][node_id]
+        assert cls.CATEGORY == "DreamIdentity" and len(cls.DESCRIPTION) > 40, node_id
+        spec = cls.INPUT_TYPES()
+        for name, (_, *opts) in {**spec["required"], **spec.get("optional", {})}.items():
+            assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
