@@ -507,7 +507,8 @@ def test_resume_with_another_global_batch_is_refused_with_the_right_command(cfg,
     state = torch.load(run / "checkpoint-20" / "training_state.pt", weights_only=True)
     assert state["num_processes"] == 1 and state["global_batch"] == cfg.batch_size
     # as if it had been trained by 2 processes: global batch 2 x 2 x 1 = 4, this launch gives 2
-    rewrite_training_state(run / "checkpoint-20", num_processes=2, global_batch=4)
+    rewrite_training_state(run / "checkpoint-20", num_processes=2, global_batch=4,
+                           launch="accelerate launch --multi_gpu --num_processes 2 -m training.train")
     with pytest.raises(BatchChangeError) as info:
         train(cfg.replace(max_steps=22), flags(run, resume=True))
     message = str(info.value)
@@ -751,3 +752,38 @@ def test_shipped_configs_for_each_family():
         assert global_batch(8, shipped.batch_size, shipped.gradient_accumulation_steps) == 64, name  # 8 GPUs
     assert configs["sdxl_base_paper.json"].resolution == 1024
     assert configs["sd15_paper.json"].resolution == configs["sd21_base_paper.json"].resolution == 512
+
+
+# -- a real 2-process run (issue 8 items 2 and 3) --------------------------------------------------------------
+
+def test_two_process_run_shards_the_alignment_and_its_resume_keeps_the_batch(setup_root, tmp_path):
+    """ACCELERATE_USE_CPU=1 torchrun with 2 processes (gloo): each rank aligns its shard of the recon folder,
+    the checkpoint records 2 processes and their launcher, and a 1-process resume is refused with it."""
+    from training.jsonl import read_jsonl, shard_of
+    from training.launch import BatchChangeError
+
+    photos = recon_photos(tmp_path / "photos")
+    Image.open(photos / "tom_flipped.png").rotate(5).save(photos / "tom_b.png")
+    assert {shard_of(p.name, 2) for p in photos.iterdir()} == {0, 1}  # both ranks have photos to align
+    cfg = make_setup(setup_root, recon_dir=str(photos), recon_fraction=0.5, min_face_size=32, max_steps=2,
+                     checkpoint_every=2, cache_latents="memory", prompt_templates=("a photo of S*",))
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    run = tmp_path / "run"
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.train", "--config", str(cfg_path), "--output-dir", str(run), "--num-workers", "0",
+           "--report-to", "none", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    parts = sorted((run / "cache" / "faces" / "align" / "parts").iterdir())
+    assert [p.name for p in parts] == ["align.part-000-of-002.jsonl", "align.part-001-of-002.jsonl"]
+    for rank, part in enumerate(parts):  # each rank aligned exactly its own shard
+        assert sorted(r["file"] for r in read_jsonl(part)) == sorted(
+            p.name for p in photos.iterdir() if shard_of(p.name, 2) == rank)
+    assert json.loads((run / "data_report.json").read_text())["recon"]["usable"] == 4
+    state = torch.load(run / "checkpoint-2" / "training_state.pt", weights_only=True)
+    assert state["num_processes"] == 2 and state["global_batch"] == 2 * cfg.batch_size
+    assert state["launch"] == "ACCELERATE_USE_CPU=1 torchrun --nnodes 1 --nproc_per_node 2 -m training.train"
+    with pytest.raises(BatchChangeError, match="ACCELERATE_USE_CPU=1 torchrun --nnodes 1 --nproc_per_node 2 "
+                                               f"-m training.train --output-dir {run} --resume"):
+        train(cfg.replace(max_steps=3), flags(run, resume=True))

@@ -79,10 +79,11 @@ def check_launch(num_processes: int, env: Mapping[str, str] | None = None) -> No
 
 
 def check_global_batch(*, saved: dict[str, int], now: dict[str, int], run_dir: str, allow: bool,
-                       env: Mapping[str, str] | None = None) -> str | None:
+                       launcher: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
     """``saved``/``now``: ``{"num_processes", "batch_size", "gradient_accumulation_steps"}``. Raises
     :class:`BatchChangeError` when the global batches differ (unless ``allow``); returns a warning
-    line when they differ and ``allow`` is set, else None."""
+    line when they differ and ``allow`` is set, else None. ``launcher``: the command prefix the run was
+    started with (saved in its checkpoints); default: derived from ``saved["num_processes"]``."""
     def describe(d: dict[str, int]) -> str:
         total = global_batch(d["num_processes"], d["batch_size"], d["gradient_accumulation_steps"])
         return (f"{total} ({d['num_processes']} processes x batch_size {d['batch_size']} x "
@@ -95,7 +96,7 @@ def check_global_batch(*, saved: dict[str, int], now: dict[str, int], run_dir: s
     line = f"global batch changes from {describe(saved)} to {describe(now)}"
     if allow:
         return f"{line} (--allow-batch-change): the recipe changes from here on"
-    command = f"{launch_command(saved['num_processes'], env)} --output-dir {shlex.quote(run_dir)} --resume"
+    command = f"{launcher or launch_command(saved['num_processes'], env)} --output-dir {shlex.quote(run_dir)} --resume"
     hints = [f"resume with the launcher it was started with: `{command}`"]
     per_step = now["num_processes"] * now["batch_size"]
     if was % per_step == 0:

@@ -198,7 +198,8 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
         saved_state = resume_from.training_state()
         saved_batch = {"num_processes": int(saved_state.get("num_processes", 1)), "batch_size": saved_cfg.batch_size,
                        "gradient_accumulation_steps": saved_cfg.gradient_accumulation_steps}
-        note = check_global_batch(saved=saved_batch, now=now_batch, run_dir=str(out), allow=flags.allow_batch_change)
+        note = check_global_batch(saved=saved_batch, now=now_batch, run_dir=str(out), allow=flags.allow_batch_change,
+                                  launcher=saved_state.get("launch"))
         if note:
             logger.warning("%s", note)
     if main:
@@ -390,7 +391,8 @@ def save_checkpoint(cfg, accelerator, manager: CheckpointManager, step: int, enc
         state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                  "sampler": data.sampler.state_dict(), "num_processes": accelerator.num_processes,
                  "global_batch": global_batch(accelerator.num_processes, cfg.batch_size,
-                                              cfg.gradient_accumulation_steps)}
+                                              cfg.gradient_accumulation_steps),
+                 "launch": launch_command(accelerator.num_processes)}
         if accelerator.scaler is not None:
             state["grad_scaler"] = accelerator.scaler.state_dict()
         manager.commit(step, encoder=accelerator.unwrap_model(encoder), config=cfg, training_state=state,
