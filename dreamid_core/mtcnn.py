@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .detection import Detection, nms
+from .detection import Detection, block_average, nms
 from .errors import ImageInputError, ModelFilesError, WeightFormatError
 from .mtcnn_sampling import CropSampler, shelf_pack
 
@@ -221,8 +221,8 @@ class MTCNNDetector:
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Faces in each of several photos of any sizes, found by one cascade for the whole batch.
 
-        All pyramid levels of all photos go through P-Net in one call, and the crops of all photos
-        through R-Net and O-Net together. The networks and crop sampling run on ``self.device``;
+        The small pyramid levels of all photos share one P-Net call (large levels get one each), and
+        the crops of all photos go through R-Net and O-Net together. The networks and crop sampling run on ``self.device``;
         box bookkeeping and NMS run on the host, with one device-to-host transfer per stage for the
         whole batch (three in all, however many photos and pyramid levels). Photos longer than
         ``max_side`` are detected on an area-averaged copy and their boxes mapped back.
@@ -247,7 +247,8 @@ class MTCNNDetector:
 
         ratio = self.max_side / max(h, w)
         small_w, small_h = max(1, round(w * ratio)), max(1, round(h * ratio))
-        small = np.asarray(Image.fromarray(image).resize((small_w, small_h), Image.Resampling.BOX))
+        blocks = block_average(image, int(1 / ratio))  # whole blocks first, without copying the photo into PIL
+        small = np.asarray(Image.fromarray(blocks).resize((small_w, small_h), Image.Resampling.BOX))
         logger.debug("MTCNN: %dx%d image detected at %dx%d", w, h, small_w, small_h)
         return small, (w / small_w + h / small_h) / 2
 
