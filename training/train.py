@@ -31,20 +31,16 @@ import torch
 
 from dreamid_core import DreamIDError
 
-from .checkpoint import CONFIG_FILE, Checkpoint, CheckpointManager, restore_rng
+from .checkpoint import CONFIG_FILE, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
-from .divergence import RUN_MECHANICS, TrainingDivergedError, check_finite, describe_samples
+from .divergence import TrainingDivergedError, check_finite, describe_samples
 from .launch import check_global_batch, check_launch, global_batch, launch_command
 from .locking import RunLock
+from .resume import check_resumable, load_checkpoint, save_checkpoint, truncate_metrics
 from .setup import align_faces, build_data, build_encoder, build_optimizer, load_base, weight_dtype_for
 from .step import diffusion_loss, step_generator
 
 logger = logging.getLogger("training.train")
-
-#: config fields that may change between a checkpoint and its resumption (batch_size and
-#: gradient_accumulation_steps only while the global batch stays the same, see training.launch)
-RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "extra", "batch_size",
-                     "gradient_accumulation_steps", *RUN_MECHANICS)
 
 __all__ = ["RunFlags", "TrainResult", "TrainingDivergedError", "train", "main"]
 
@@ -122,33 +118,10 @@ def _tb_hparams(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.to_dict().items()}
 
 
-def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, where: Path) -> None:
-    diff = {k: v for k, v in saved.differences(cfg).items() if k not in RESUMABLE_CHANGES}
-    if diff:
-        lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"cannot resume {where} with a different experiment ({lines}). Resume without --config "
-                          f"(uses the checkpoint's), or start a new --output-dir. Only {RESUMABLE_CHANGES} may change.")
-    if (saved.backbone_lr is None) != (cfg.backbone_lr is None):
-        raise ConfigError(f"cannot resume {where}: backbone_lr {saved.backbone_lr!r} -> {cfg.backbone_lr!r} freezes or "
-                          "unfreezes the backbone (another optimizer); only its value may change on resume")
-    for name in RUN_MECHANICS:
-        if getattr(saved, name) != getattr(cfg, name):
-            logger.warning("resuming with %s %r (the checkpoint trained with %r)", name, getattr(cfg, name),
-                           getattr(saved, name))
-    if saved.max_steps != cfg.max_steps and cfg.lr_schedule != "constant":
-        logger.warning("max_steps changed %d -> %d: the %s lr schedule is stretched from here on",
-                       saved.max_steps, cfg.max_steps, cfg.lr_schedule)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _provenance(cfg: ExperimentConfig, step: int, sizes: dict[str, int]) -> dict[str, Any]:
-    return {"trainer": "training.train", "base_model": cfg.base_model, "step": step,
-            "config_hash": cfg.config_hash(), "data_sizes": sizes, "extra": cfg.extra}
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -194,7 +167,7 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
     saved_state = None
     if resume_from is not None:
         saved_cfg = ExperimentConfig.from_json(resume_from.config_json(), str(resume_from.path / CONFIG_FILE))
-        _check_resumable(saved_cfg, cfg, resume_from.path)
+        check_resumable(saved_cfg, cfg, resume_from.path)
         saved_state = resume_from.training_state()
         saved_batch = {"num_processes": int(saved_state.get("num_processes", 1)), "batch_size": saved_cfg.batch_size,
                        "gradient_accumulation_steps": saved_cfg.gradient_accumulation_steps}
@@ -230,7 +203,7 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
     step = 0
     if resume_from is not None:
-        step = _load_checkpoint(cfg, resume_from, saved_state, encoder, optimizer, lr_scheduler, data.sampler)
+        step = load_checkpoint(cfg, resume_from, saved_state, encoder, optimizer, lr_scheduler, data.sampler)
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
     if resume_from is not None:
         rng = resume_from.rng_state(accelerator.process_index)
@@ -238,7 +211,7 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
             restore_rng(rng)
         logger.info("resumed from %s at step %d (sample %d)", resume_from.path, step, data.sampler.position)
     if main:
-        _truncate_metrics(out / "metrics.jsonl", step)
+        truncate_metrics(out / "metrics.jsonl", step)
     if flags.report_to == "tensorboard":
         accelerator.init_trackers("dreamid", config=_tb_hparams(cfg))
 
@@ -250,46 +223,6 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
         accelerator.end_training()
     result.encoder = accelerator.unwrap_model(encoder)
     return result
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines a killed run wrote after the step this run starts from (they are redone), and a
-    torn last line (disk full, power loss) or any other unreadable line (logged)."""
-    from dreamid_core.fileio import atomic_write
-
-    from .jsonl import read_jsonl
-
-    if path.is_file():
-        records = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-        with atomic_write(path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _load_checkpoint(cfg: ExperimentConfig, ckpt: Checkpoint, state: dict[str, Any], encoder, optimizer, lr_scheduler,
-                     sampler) -> int:
-    from safetensors.torch import load_file
-
-    from dreamid_core import read_encoder_config
-
-    saved_config, _, _ = read_encoder_config(ckpt.encoder_path)
-    if saved_config != encoder.config:
-        raise ConfigError(f"{ckpt.encoder_path} was trained as {saved_config}, but this run builds {encoder.config}")
-    tensors = load_file(str(ckpt.encoder_path))
-    missing, unexpected = encoder.load_state_dict(tensors, strict=False)
-    if unexpected or [m for m in missing if not m.startswith("backbone.")]:
-        raise ConfigError(f"{ckpt.encoder_path}: tensors do not fit the encoder (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    base_lrs = [cfg.lr] + ([cfg.backbone_lr] if cfg.backbone_lr is not None else [])
-    if list(lr_scheduler.base_lrs) != base_lrs:  # a changed lr on resume (after a divergence) takes effect now
-        lr_scheduler.base_lrs = base_lrs
-        for group, base_lr, factor in zip(optimizer.param_groups, base_lrs, lr_scheduler.lr_lambdas, strict=True):
-            group["initial_lr"] = base_lr
-            group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
-        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
-    sampler.load_state_dict(state["sampler"])
-    return int(state["step"])
 
 
 def _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data, manager, step, stop, result):
@@ -375,32 +308,6 @@ def _loop(cfg, flags, accelerator, base, encoder, optimizer, lr_scheduler, data,
 def _note_samples(samples: list[dict[str, Any]], batch: dict[str, Any]) -> None:
     samples.extend({"position": p, "image": Path(i).name, "prompt": t}
                    for p, i, t in zip(batch["position"], batch["image"], batch["prompt"], strict=True))
-
-
-def save_checkpoint(cfg, accelerator, manager: CheckpointManager, step: int, encoder, optimizer, lr_scheduler,
-                    data) -> Path:
-    """Every rank adds its RNG state; the main process writes the rest and commits."""
-    main = accelerator.is_main_process
-    accelerator.wait_for_everyone()
-    if main:
-        manager.begin(step)
-    accelerator.wait_for_everyone()
-    manager.write_rng(step, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if main:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                 "sampler": data.sampler.state_dict(), "num_processes": accelerator.num_processes,
-                 "global_batch": global_batch(accelerator.num_processes, cfg.batch_size,
-                                              cfg.gradient_accumulation_steps),
-                 "launch": launch_command(accelerator.num_processes)}
-        if accelerator.scaler is not None:
-            state["grad_scaler"] = accelerator.scaler.state_dict()
-        manager.commit(step, encoder=accelerator.unwrap_model(encoder), config=cfg, training_state=state,
-                       provenance=_provenance(cfg, step, data.sampler.sizes),
-                       include_backbone=cfg.checkpoint_backbone)
-        manager.prune(cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return manager.final_dir(step)
 
 
 # -- command line ---------------------------------------------------------------------------------
