@@ -45,6 +45,28 @@ def small_sd2_model(seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def small_sdxl_model(seed: int = 0):
+    """An SDXL-layout UNet (attention on level 1 only, 32 channels, context 64 + 96, pooled 96 + the
+    6 size embeddings) in a ModelPatcher, for tiny_clip("sdxl")."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_tiny import init_weights_
+
+    cfg = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+           "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+           "transformer_depth_middle": 1, "context_dim": 160, "use_linear_in_transformer": True,
+           "num_head_channels": 16, "num_heads": -1, "use_spatial_transformer": True, "legacy": False,
+           "adm_in_channels": 96 + 6 * 256, "num_classes": "sequential", "use_checkpoint": False,
+           "use_temporal_resblock": False, "use_temporal_attention": False}
+    config = comfy.supported_models.SDXL(cfg)
+    config.unet_config["num_head_channels"] = 16
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    init_weights_(model.diffusion_model, seed)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
 @pytest.fixture(scope="module")
 def models(comfyui, tmp_path_factory):
     import comfy.sd
@@ -154,10 +176,13 @@ def test_encoder_init_starts_where_word_init_arrives(pack, models):
 
 
 def _ident(pack, clip, stages=5, kind="time"):
+    """Every stage's K and V = S*, the own word embeddings of "S*" (ids 338, 265) per text encoder."""
     li = pack["mods"]("dreamid_core.learned_identity")
-    s_star = clip.cond_stage_model.clip_h.transformer.get_input_embeddings().weight[[338, 265]].float()
-    return li.LearnedIdentity.per_stage_from_words({"clip_h": s_star},
-                                                   li.IdentityConfig(num_stages=stages, stage_kind=kind)), s_star
+    keys = [k for k in ("clip_l", "clip_h", "clip_g") if getattr(clip.cond_stage_model, k, None) is not None]
+    parts = {k: getattr(clip.cond_stage_model, k).transformer.get_input_embeddings().weight[[338, 265]].float()
+             for k in keys}
+    ident = li.LearnedIdentity.per_stage_from_words(parts, li.IdentityConfig(num_stages=stages, stage_kind=kind))
+    return ident, parts
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +195,23 @@ def checkpoint_models(models):
         return {"model": models["ckpt_model"], "clip": server_sd2_clip(), "vae": models["vae"]}
 
 
-@pytest.mark.parametrize("kind, which", [("time", "small"), ("unet", "small"), ("time", "checkpoint")])
-def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, models, checkpoint_models, kind, which):
-    chosen = models if which == "small" else checkpoint_models
+@pytest.fixture(scope="module")
+def sdxl_models(models):
+    from comfy_tiny import tiny_clip
+
+    with torch.inference_mode():
+        return {"model": small_sdxl_model(), "clip": tiny_clip("sdxl"), "vae": models["vae"]}
+
+
+@pytest.mark.parametrize("kind, which", [("time", "small"), ("unet", "small"), ("time", "checkpoint"),
+                                         ("time", "sdxl")])
+def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, request, kind, which):
+    chosen = request.getfixturevalue({"small": "models", "checkpoint": "checkpoint_models",
+                                      "sdxl": "sdxl_models"}[which])
     model, clip = chosen["model"], chosen["clip"]
     ident, s_star = _ident(pack, clip, kind=kind)
     text, neg = "a photo of S* in a garden", encode(comfyui, clip, "blurry")
-    embeds = pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts={"clip_h": s_star})
+    embeds = pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts=s_star)
     with torch.inference_mode():
         injected = pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, text, "S*")
         injected = injected["result"][0] if isinstance(injected, dict) else injected[0]
@@ -185,7 +220,8 @@ def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, mode
     reference = sample(comfyui, model, injected, neg)
     assert torch.equal(sample(comfyui, staged_model, positive, neg), reference)
     # the patch is live: another VALUE for one stage changes the image
-    ident.tensors["clip_h"][:, 1] += 0.5  # every stage's VALUE (a one-level UNet leaves some stages unused)
+    for t in ident.tensors.values():
+        t[:, 1] += 0.5  # every stage's VALUE (a one-level UNet leaves some stages unused)
     with torch.inference_mode():
         changed, positive = pack["nodes"]["DreamID_ApplyPerStageIdentity"]().apply(model, clip, ident, text, "S*")
     assert not torch.equal(sample(comfyui, changed, positive, neg), reference)
@@ -281,3 +317,12 @@ def test_every_input_and_output_is_described(pack):
         for name, (_, *opts) in {**spec["required"], **spec.get("optional", {})}.items():
             assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
+
+
+@pytest.mark.parametrize("layout", ["words", "per_stage"])
+def test_sdxl_learns_and_generates(comfyui, pack, sdxl_models, layout):
+    ident, embeds, model, positive, _ = learn(pack, sdxl_models, steps=2, layout=layout, num_stages=2)
+    assert set(ident.tensors) == {"clip_l", "clip_g"} and ident.config.target == "sdxl"
+    assert set(embeds.parts) == {"clip_l", "clip_g"}
+    out = sample(comfyui, model, positive, encode(comfyui, sdxl_models["clip"], "blurry"))
+    assert torch.isfinite(out).all()
