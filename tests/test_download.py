@@ -276,3 +276,20 @@ def test_missing_file_on_the_hub_names_the_repo(hub, comfy, tmp_path):
 def test_photo_invocations_still_parse():
     args = cli.build_parser().parse_args(["photo.jpg", "--sample"])
     assert args.photos == [Path("photo.jpg")] and args.sample
+
+
+def test_dry_run_fetches_nothing(hub, comfy, tmp_path):
+    hub.add(REPO, "later.safetensors", payload(10))
+    rows = download_models(read_models(workflow(tmp_path, entry("later.safetensors"))), comfy, dry_run=True)
+    assert rows[0]["status"] == "would download" and resolves(hub) == []
+    assert rows[0]["path"] == str(comfy / "models" / "checkpoints" / "later.safetensors")
+
+
+def test_importing_the_pack_does_not_import_the_hub_client():
+    import subprocess
+    import sys
+
+    code = ("import sys, dreamid_core, dreamid_core.cli, dreamid_core.download; "
+            "print('huggingface_hub' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
