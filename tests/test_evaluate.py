@@ -89,6 +89,15 @@ def test_encoder_evaluation_writes_table_csv_and_grid(tmp_path, models, faces_di
     assert len({r["seed"] for r in images}) == 8 and all((out / r["image"]).is_file() for r in images)
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (3 * 130 + 2, 4 * (128 + 14 + 2) + 2)  # face + 2 images, 2 faces x 2 prompts
+    # the same command again resumes (nothing left to draw); another encoder file at the same path does not
+    copy = tmp_path / "enc.safetensors"
+    copy.write_bytes(models["encoder"].read_bytes())
+    out2 = tmp_path / "eval2"
+    assert ev.main(_cli(models, faces_dir, out2, prompts, "--encoder", str(copy))) == 0
+    assert ev.main(_cli(models, faces_dir, out2, prompts, "--encoder", str(copy))) == 0
+    torch.manual_seed(1)
+    save_encoder(IDEncoder(ev.load_encoder(copy).config), copy)  # re-exported to the same path
+    assert ev.main(_cli(models, faces_dir, out2, prompts, "--encoder", str(copy))) == 1
 
 
 @needs_photos

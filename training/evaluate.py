@@ -344,13 +344,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     generator = DiffusersGenerator(base, steps=args.steps, guidance=args.guidance, height=args.height,
                                    width=args.width, negative_prompt=args.negative_prompt, trigger=args.trigger,
                                    device=device)
-    header = {"S* from": what, "base model": str(args.base_model), "sampler": f"DDIM {args.steps} steps, CFG "
-              f"{args.guidance}", "seed": args.seed, "face model": str(args.face_model),
-              "CLIP model": str(args.clip_model)}
+    header = {"S* from": what, "S* file sha256": file_sha256(Path(what)), "base model": str(args.base_model),
+              "sampler": f"DDIM {args.steps} steps, CFG {args.guidance}", "seed": args.seed,
+              "face model": str(args.face_model), "CLIP model": str(args.clip_model)}
     if skipped:
         header["test photos skipped (no face / unreadable)"] = ", ".join(skipped)
     return evaluate(cfg, faces=faces, prompts=prompts, identity_source=source, generator=generator, pipeline=pipeline,
                     identity=identity, clip=clip, header=header)
+
+
+def file_sha256(path: Path) -> str:
+    """First 16 hex digits: a re-exported encoder at the same path is a new evaluation, not a resumed one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -> tuple[Any, str]:
