@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -202,9 +203,13 @@ def fetch(entry: ModelEntry, dest: Path, *, endpoint: str | None = None, token: 
     """Download ``entry`` to ``dest`` (resuming a partial file), check its sha256, move it in place.
     Returns the sha256 it checked, or "" when the source publishes none (a non-LFS file)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
+
+    try:  # huggingface_hub >= 0.23; before, the same classes lived in huggingface_hub.utils
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover - old clients
+        from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 
     network_errors = _network_errors()
 
@@ -214,7 +219,8 @@ def fetch(entry: ModelEntry, dest: Path, *, endpoint: str | None = None, token: 
     if _is_true(os.environ.get("HF_HUB_OFFLINE")):
         raise _offline_error(entry, url, dest, "HF_HUB_OFFLINE is set")
     try:
-        meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+        extra = {"endpoint": endpoint} if "endpoint" in inspect.signature(get_hf_file_metadata).parameters else {}
+        meta = get_hf_file_metadata(url, token=token, **extra)
     except OfflineModeIsEnabled:
         raise _offline_error(entry, url, dest, "huggingface_hub is in offline mode") from None
     except EntryNotFoundError:
