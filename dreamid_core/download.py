@@ -171,9 +171,9 @@ def model_folders(comfyui: Path) -> dict[str, list[Path]]:
     return folders
 
 
-def _offline_error(entry: ModelEntry, url: str, dest: Path, why: str) -> DownloadError:
-    return DownloadError(f"cannot fetch {entry.name}: {why}. Fetch {url} yourself and put it at {dest} "
-                         "(or rerun when online; HF_HUB_OFFLINE must be unset)")
+def _offline_error(entry: ModelEntry, url: str, dest: Path, why: str, retry: str) -> DownloadError:
+    return DownloadError(f"cannot fetch {entry.name}: {why}. Fetch {url} yourself and put it at {dest}, "
+                         f"or {retry}")
 
 
 def _sha256(path: Path) -> str:
@@ -217,19 +217,21 @@ def fetch(entry: ModelEntry, dest: Path, *, endpoint: str | None = None, token: 
     url = hf_hub_url(entry.repo_id, entry.filename, revision=entry.revision, endpoint=endpoint)
     logger.info("%s -> %s", url, dest)
     if _is_true(os.environ.get("HF_HUB_OFFLINE")):
-        raise _offline_error(entry, url, dest, "HF_HUB_OFFLINE is set")
+        raise _offline_error(entry, url, dest, "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE and run again")
     try:
         extra = {"endpoint": endpoint} if "endpoint" in inspect.signature(get_hf_file_metadata).parameters else {}
         meta = get_hf_file_metadata(url, token=token, **extra)
     except OfflineModeIsEnabled:
-        raise _offline_error(entry, url, dest, "huggingface_hub is in offline mode") from None
+        raise _offline_error(entry, url, dest, "huggingface_hub is in offline mode",
+                             "unset HF_HUB_OFFLINE and run again") from None
     except EntryNotFoundError:
         raise DownloadError(f"{url} does not exist (404): the repository {entry.repo_id} has no {entry.filename} "
                             f"at {entry.revision}; fix the workflow's models entry") from None
     except HfHubHTTPError as exc:
         raise DownloadError(f"{url}: the hub refused ({exc}); a gated or private repo needs HF_TOKEN") from None
     except network_errors as exc:
-        raise _offline_error(entry, url, dest, f"{endpoint} cannot be reached ({exc})") from None
+        raise _offline_error(entry, url, dest, f"{endpoint} cannot be reached ({exc})",
+                             "run again when it is reachable (a mirror: set HF_ENDPOINT)") from None
     etag = (meta.etag or "").lower()
     published = etag if SHA256.match(etag) else None
     if published and entry.sha256 and published != entry.sha256:
