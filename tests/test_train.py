@@ -547,8 +547,11 @@ def test_launch_checks_name_the_working_command():
     check_launch(2, {"WORLD_SIZE": "2"})
     with pytest.raises(LaunchError, match="ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2"):
         check_launch(1, {"WORLD_SIZE": "2", "RANK": "0"})  # torchrun on CPU without the CPU flag
+    simple = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+    check_launch(1, simple)  # accelerate launch --cpu, one process asked for
+    check_launch(1, {"ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "10.0.0.1"})  # a cluster's exported MASTER_ADDR
     with pytest.raises(LaunchError, match="runs a single process"):
-        check_launch(1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+        check_launch(1, {**simple, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
 
 
 # -- one trainer per run folder (issue 8 item 5) ---------------------------------------------------------
@@ -696,6 +699,20 @@ def test_resume_tolerates_a_torn_metrics_line(cfg, reference, tmp_path):
 
 
 # -- a launcher whose processes would train independently (issue 8 item 9) -----------------------------------
+
+def test_accelerate_launch_cpu_with_two_processes_is_stopped(cfg, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu` starts ONE process; it stops instead of training alone."""
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
+           "training.train", "--config", str(cfg_path), "--output-dir", str(run), "--num-workers", "0",
+           "--report-to", "none", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "runs a single process" in proc.stderr and "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N" in \
+        proc.stderr, proc.stderr[-3000:]
+    assert not (run / "config.json").exists()
+
 
 def test_torchrun_without_the_cpu_flag_is_stopped(cfg, tmp_path):
     """A real 2-process torchrun on CPU: accelerate gives each process num_processes 1, so both would train

@@ -70,7 +70,9 @@ def check_launch(num_processes: int, env: Mapping[str, str] | None = None) -> No
             f"process, so {world} independent trainers would write one run folder. On GPUs check that CUDA is "
             f"visible to every process; on CPU launch with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {world} "
             f"{MODULE} ...` (or run one process: `python {MODULE} ...`).")
-    launched_by_accelerate = "ACCELERATE_USE_CPU" in env and "WORLD_SIZE" not in env and "RANK" not in env
+    # accelerate launch's single-process launcher sets these (and MASTER_ADDR only when asked for > 1 process)
+    launched_by_accelerate = all(k in env for k in ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION",
+                                                    "ACCELERATE_DYNAMO_BACKEND")) and "WORLD_SIZE" not in env
     if num_processes == 1 and launched_by_accelerate and "MASTER_ADDR" in env:
         raise LaunchError(
             "accelerate launch was asked for several processes (it set MASTER_ADDR) but started only this one: "
