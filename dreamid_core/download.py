@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         workflows = [_resolve_workflow(w) for w in args.workflows] or pack_workflows()
+        if not workflows:
+            raise DownloadError(f"no workflows given and none in {PACK_WORKFLOWS} (an installed wheel has no "
+                                "templates): pass workflow .json files")
         entries = [e for w in workflows for e in read_models(w)]
         if not entries:
             logger.warning("no 'models' list in %s: nothing to fetch", ", ".join(map(str, workflows)) or "(none)")
