@@ -242,9 +242,13 @@ def write_summary(cfg: EvalConfig, out: Path, results: list[ImageResult], *, fac
             "identity": "textual-inversion embedding (the same for every face)" if identity_source.fixed
             else "DreamIdentity encoder", "S* encoding time (mean per face)": f"{sum(encode_ms) / len(encode_ms):.1f} ms",
             "neutral phrase for CLIP": repr(cfg.neutral), "grid": ", ".join(p.name for p in pages), **(header or {})}
-    (out / "summary.md").write_text("# DreamIdentity evaluation\n\n" + markdown_table(rows, head), encoding="utf-8")
-    write_summary_csv(out / "summary.csv", rows)
-    write_image_csv(out / "images.csv", results)
+    # atomic: two shards finishing together both write the same tables
+    with atomic_write(out / "summary.md") as tmp:
+        tmp.write_text("# DreamIdentity evaluation\n\n" + markdown_table(rows, head), encoding="utf-8")
+    with atomic_write(out / "summary.csv") as tmp:
+        write_summary_csv(tmp, rows)
+    with atomic_write(out / "images.csv") as tmp:
+        write_image_csv(tmp, results)
     logger.info("overall: text-alignment %.4f, face similarity %s, no-face rate %.1f%% (%d images) -> %s",
                 overall.text_alignment, "n/a" if overall.face_similarity is None else f"{overall.face_similarity:.4f}",
                 overall.no_face_rate * 100, overall.images, out / "summary.md")
@@ -268,7 +272,8 @@ def write_grids(cfg: EvalConfig, out: Path, results: list[ImageResult], faces: d
             rows.append([face_img, *(Image.open(out / r.image) for r in rs)])
             labels.append(f"{face_name}: {rs[0].prompt}")
         page = out / ("grid.png" if not pages else f"grid-{len(pages) + 1:03d}.png")
-        image_grid(rows, labels).save(page)
+        with atomic_write(page) as tmp:
+            image_grid(rows, labels).save(tmp, format="PNG")
         pages.append(page)
     return pages
 
