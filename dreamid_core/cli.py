@@ -19,14 +19,13 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from .detectors import BUILTIN, detector_names, make_detector
 from .embedding_io import sanitize_name, write_embedding
 from .encoder import COMBINE_MODES
 from .errors import DreamIDError
 from .faces import ON_MISSING, ORDERS, FacePipeline
-from .images import load_image
+from .identity import encode_identity
+from .images import crop_to_uint8, load_image
 from .weights import load_encoder, read_encoder_config
 
 logger = logging.getLogger("dreamid_core")
@@ -75,27 +74,30 @@ def run(args: argparse.Namespace) -> dict:
     detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider)
     pipeline = FacePipeline(detector)
     images = [load_image(p) for p in photos]
-    report = pipeline.process(images, face_index=args.face_index, order=args.order, on_missing=args.on_missing)
+    embeds = None
+    if args.encoder:  # the same photo -> S* path as the ComfyUI node (identity.encode_identity)
+        encoder = load_encoder(args.encoder, backbone_path=args.backbone)
+        embeds, report = encode_identity(encoder, pipeline, images, scale=args.scale, combine=args.combine,
+                                         face_index=args.face_index, order=args.order, on_missing=args.on_missing)
+        if embeds.num_tokens == 0:
+            raise DreamIDError("--scale 0 switches the identity off, so there is no S* to write; use a scale above 0")
+    else:
+        report = pipeline.process(images, face_index=args.face_index, order=args.order, on_missing=args.on_missing)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
     summary: dict = {"faces": [], "skipped": [{"photo": str(photos[i]), "reason": r} for i, r in report.skipped]}
     for face in report.faces:
         out = args.out_dir / f"{Path(photos[face.image_index]).stem}_face{args.face_index}.png"
-        arr = (face.crop.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        Image.fromarray(arr).save(out)
+        Image.fromarray(crop_to_uint8(face.crop)).save(out)
         summary["faces"].append({"photo": str(photos[face.image_index]), "crop": str(out),
                                  "faces_in_photo": face.num_faces, "score": round(float(face.detection.score), 4),
                                  "box": [round(v, 1) for v in face.detection.box]})
-    if args.encoder:
-        encoder = load_encoder(args.encoder, backbone_path=args.backbone)
-        with torch.inference_mode():
-            s = encoder.encode(pipeline.crops(report), scale=args.scale, combine=args.combine)  # [k, out_dim]
-        path = write_embedding(args.out_dir / sanitize_name(args.name), encoder.split(s), overwrite=args.overwrite,
-                               metadata={"encoder": Path(args.encoder).name, "photos": [str(p) for p in photos],
-                                         "scale": args.scale, "combine": args.combine})
-        summary["embedding"] = {"file": str(path), "tokens": encoder.config.num_tokens,
-                                "widths": encoder.config.widths,
+    if embeds is not None:
+        path = write_embedding(args.out_dir / sanitize_name(args.name), embeds.parts, overwrite=args.overwrite,
+                               metadata={**embeds.info, "photos": [Path(p).name for p in photos]})
+        summary["embedding"] = {"file": str(path), "tokens": embeds.num_tokens,
+                                "widths": {k: int(v.shape[-1]) for k, v in embeds.parts.items()},
                                 "use": f"embedding:{path.stem} in any ComfyUI prompt (copy it to models/embeddings)"}
     return summary
 

@@ -112,3 +112,8 @@ def to_rgb_list(images: Any) -> list[np.ndarray]:
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """RGB uint8 ``[H, W, 3]`` -> float ``[3, H, W]`` in 0..1."""
     return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+
+
+def crop_to_uint8(crop: torch.Tensor) -> np.ndarray:
+    """An aligned crop, float ``[3, S, S]`` in 0..1 -> RGB uint8 ``[S, S, 3]`` (the inverse of :func:`to_tensor`)."""
+    return (crop.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
