@@ -148,7 +148,9 @@ class DreamIDLoadIdentity:
     def load(self, identity_name, clip=None):
         ident = load_learned_identity(identity_path(identity_name), single_key=clip_single_key(clip))
         logger.info("DreamIdentity: loaded %s identity %s (k=%d)", ident.layout, identity_name, ident.num_tokens)
-        return (ident, representative_embeds(ident))
+        embeds = representative_embeds(ident)
+        embeds.info["source"] = identity_name
+        return (ident, embeds)
 
 
 class DreamIDSaveLearnedIdentity:

@@ -306,6 +306,10 @@ def test_save_and_load_both_layouts(comfyui, pack, models):
     assert back.layout == "words" and torch.equal(embeds.parts["clip_h"], words.tensors["clip_h"])
     with pytest.raises(FileNotFoundError, match="pick a file"):
         pack["nodes"]["DreamID_LoadIdentity"]().load("(no identity files)")
+    # a loaded embedding as the init of a learning run
+    started = learn(pack, models, steps=1, lr=1e-6, weight=0.0, init_identity=embeds)[0]
+    assert started.config.init == "file:embeddings/words_me.safetensors"
+    assert torch.allclose(started.tensors["clip_h"], embeds.parts["clip_h"], atol=1e-4)
 
 
 def test_every_input_and_output_is_described(pack):
