@@ -90,7 +90,17 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, mode: s
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = np.argsort(-scores.detach().to("cpu", torch.float64).numpy(), kind="stable")
     b = boxes.detach().to("cpu", torch.float64).numpy()[order]  # [N, 4], best first
-    g = np.zeros(len(b), np.int64) if groups is None else groups.detach().cpu().numpy().astype(np.int64)[order]
+    if groups is None:
+        keep = _greedy(b, iou_threshold, mode)
+    else:  # one greedy pass per group (no overlaps computed across groups), merged back in score order
+        g = groups.detach().cpu().numpy().astype(np.int64)[order]
+        members = [np.flatnonzero(g == v) for v in np.unique(g)]
+        keep = np.sort(np.concatenate([m[_greedy(b[m], iou_threshold, mode)] for m in members]))
+    return torch.as_tensor(order[keep], dtype=torch.long, device=boxes.device)
+
+
+def _greedy(b: np.ndarray, iou_threshold: float, mode: str) -> np.ndarray:
+    """Kept rows of ``b`` ``[N, 4]`` (sorted best first), greedy, a block of overlap rows at a time."""
     areas = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
     removed = np.zeros(len(b), bool)
     keep: list[int] = []
@@ -103,9 +113,9 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, mode: s
             denom = np.minimum(areas[rows, None], areas[None, cols])
         else:
             denom = areas[rows, None] + areas[None, cols] - inter
-        suppress = (inter / np.maximum(denom, 1e-12) > iou_threshold) & (g[rows, None] == g[None, cols])
+        suppress = inter / np.maximum(denom, 1e-12) > iou_threshold
         for r, row in enumerate(suppress):
             if not removed[start + r]:
                 keep.append(start + r)
                 removed[start:] |= row
-    return torch.as_tensor(order[keep], dtype=torch.long, device=boxes.device)
+    return np.asarray(keep, dtype=np.int64)
