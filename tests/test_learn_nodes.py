@@ -330,3 +330,11 @@ def test_sdxl_learns_and_generates(comfyui, pack, sdxl_models, layout):
     assert set(embeds.parts) == {"clip_l", "clip_g"}
     out = sample(comfyui, model, positive, encode(comfyui, sdxl_models["clip"], "blurry"))
     assert torch.isfinite(out).all()
+
+
+def test_several_photos_and_a_batch_of_two(pack, models):
+    two = torch.cat([photo(), torch.from_numpy(np.asarray(face_photo("tom", size=128, jitter=12),
+                                                          dtype=np.float32) / 255.0)[None]])
+    ident = learn(pack, models, steps=2, image=two, batch_size=2, weight=0.5)[0]
+    assert ident.config.extra["num_photos"] == 2
+    assert torch.isfinite(ident.tensors["clip_h"]).all()
