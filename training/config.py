@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core.config import unknown_fields
+from dreamid_core.errors import DreamIDError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LATENT_CACHE = ("off", "memory", "disk")
@@ -34,7 +35,7 @@ DEFAULT_TEMPLATES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(DreamIDError, ValueError):
     """An experiment config value that cannot work; the message names the field and the fix."""
 
 

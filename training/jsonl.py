@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from dreamid_core.errors import DreamIDError
 from dreamid_core.fileio import atomic_write
 
 from .locking import try_lock  # POSIX only; on Windows shards are not protected against being started twice
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 _PART = re.compile(r"^(?P<step>[a-z_-]+)\.part-(?P<i>\d+)-of-(?P<n>\d+)\.jsonl$")
 
 
-class ShardBusyError(RuntimeError):
+class ShardBusyError(DreamIDError, RuntimeError):
     """A shard's part file is locked by another process running the same shard."""
 
 
