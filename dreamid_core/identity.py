@@ -58,6 +58,22 @@ def _file_name(path: str | None) -> str | None:
     return PurePath(str(path).replace("\\", "/")).name if path else None
 
 
+def parts_from_crops(encoder: IDEncoder, crops: torch.Tensor, *, scale: float = 1.0, combine: str = "average",
+                     device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Aligned crops ``[N, 3, 112, 112]`` of ONE person -> S* per text encoder (float32, CPU).
+
+    The one place S* is made from faces (the node, the command line and evaluation all come here).
+    Strength (``scale``) 0 switches the identity off: ``[0, D]`` parts, so the trigger drops out."""
+    param = next(encoder.parameters())
+    crops = crops.to(device=device or param.device, dtype=param.dtype)
+    with torch.inference_mode():
+        s = encoder.encode(crops, scale=scale, combine=combine)  # [k, out_dim]
+    parts = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.split(s).items()}
+    if scale == 0:
+        parts = {k: v[:0] for k, v in parts.items()}
+    return parts
+
+
 def encode_identity(encoder: IDEncoder, pipeline: FacePipeline, images: Any, *, scale: float = 1.0,
                     combine: str = "average", face_index: int = 0, order: str = "largest",
                     on_missing: str = "error", device: torch.device | str | None = None,
@@ -66,13 +82,7 @@ def encode_identity(encoder: IDEncoder, pipeline: FacePipeline, images: Any, *, 
 
     ``callback(i, n)`` runs before each photo (progress bars, interruption points)."""
     report = pipeline.process(images, face_index=face_index, order=order, on_missing=on_missing, callback=callback)
-    param = next(encoder.parameters())
-    crops = pipeline.crops(report).to(device=device or param.device, dtype=param.dtype)  # [N, 3, 112, 112]
-    with torch.inference_mode():
-        s = encoder.encode(crops, scale=scale, combine=combine)  # [k, out_dim]
-    parts = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.split(s).items()}
-    if scale == 0:  # strength 0 switches the identity off: no vectors, the trigger is dropped from the prompt
-        parts = {k: v[:0] for k, v in parts.items()}
+    parts = parts_from_crops(encoder, pipeline.crops(report), scale=scale, combine=combine, device=device)
     info = {"target": encoder.config.target, "num_images": len(report.faces), "skipped": len(report.skipped),
             "scale": scale, "combine": combine, "source": _file_name(getattr(encoder, "source_path", None))}
     return IdentityEmbeds(parts=parts, info=info), report

@@ -35,7 +35,9 @@ def register_folders() -> None:
 
 
 def encoder_files() -> list[str]:
-    names = [n for n in folder_paths.get_filename_list(ENCODER_FOLDER) if n.endswith(".safetensors")]
+    """Encoder files in models/dreamidentity (learned per-stage identities live in its identities/ folder)."""
+    names = [n for n in folder_paths.get_filename_list(ENCODER_FOLDER)
+             if n.endswith(".safetensors") and not n.replace("\\", "/").startswith("identities/")]
     return names or [NO_FILES]
 
 

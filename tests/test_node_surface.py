@@ -14,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.comfyui
 PACK = Path(__file__).resolve().parents[1]
 NODE_IDS = {"DreamID_LoadIDEncoder", "DreamID_EncodeFace", "DreamID_InjectIDTokens", "DreamID_SaveIDEmbedding",
-            "DreamID_ScenePosition"}
+            "DreamID_ScenePosition", "DreamID_HeadPlacement", "DreamID_IdentityRegions", "DreamID_LearnIdentity",
+            "DreamID_ApplyPerStageIdentity", "DreamID_LoadIdentity", "DreamID_SaveLearnedIdentity"}
 
 
 def test_pack_imports_in_comfyui_quick_test_mode(comfy_path, tmp_path):
@@ -37,7 +38,8 @@ def test_pack_imports_in_comfyui_quick_test_mode(comfy_path, tmp_path):
 
 def test_object_info_lists_the_nodes_with_descriptions_and_tooltips(comfy_server):
     info = comfy_server.object_info()
-    assert NODE_IDS <= set(info)
+    pack_nodes = {k for k, v in info.items() if v.get("category") == "DreamIdentity"}
+    assert NODE_IDS == pack_nodes, "every pack node is checked here"
     for node_id in NODE_IDS:
         node = info[node_id]
         assert node["category"] == "DreamIdentity" and len(node["description"]) > 40, node_id
@@ -47,9 +49,9 @@ def test_object_info_lists_the_nodes_with_descriptions_and_tooltips(comfy_server
             opts = spec[1] if len(spec) > 1 else {}
             assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert len(node["output_tooltips"]) == len(node["output"]), node_id
-    assert info["DreamID_EncodeFace"]["output"] == ["DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT", "STRING"]
+    assert info["DreamID_EncodeFace"]["output"][:4] == ["DREAMID_EMBEDS", "IMAGE", "DREAMID_FACE_LAYOUT", "STRING"]
     assert info["DreamID_InjectIDTokens"]["output"] == ["CONDITIONING"]
-    assert info["DreamID_ScenePosition"]["output"] == ["CONDITIONING", "CONDITIONING", "IMAGE"]
+    assert info["DreamID_ScenePosition"]["output"] == ["CONDITIONING", "CONDITIONING", "IMAGE", "MASK", "MASK", "MASK"]
     assert "mtcnn" in info["DreamID_LoadIDEncoder"]["input"]["required"]["face_detector"][0]
 
 

@@ -260,7 +260,9 @@ def node_links(pack, encoder_file):
     cond = [[torch.zeros(1, 77, 1024), {"pooled_output": None}]]
     return {"DreamID_EncodeFace": {"encoder": bundle, "image": torch.rand(1, 64, 64, 3)},
             "DreamID_ScenePosition": {"positive": cond, "negative": cond, "control_net": None},
-            "DreamID_HeadPlacement": {}}
+            "DreamID_HeadPlacement": {},
+            # the finiteness check comes before the models are looked at
+            "DreamID_LearnIdentity": {"model": None, "clip": None, "vae": None, "image": torch.rand(1, 64, 64, 3)}}
 
 
 @pytest.mark.parametrize("bad,shown", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "-inf")])

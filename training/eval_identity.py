@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from dreamid_core import IncompatibleEncoderError, WeightFormatError
+from dreamid_core.identity import parts_from_crops
 
 from .text import PART_FOR_ENCODER
 
@@ -40,11 +41,8 @@ class EncoderIdentity:
         self.encoder, self.scale = encoder, scale
         self.k = encoder.config.num_tokens
 
-    @torch.inference_mode()
     def parts(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
-        p = next(self.encoder.parameters())
-        s = self.encoder.encode(crop[None].to(p.device, p.dtype), scale=self.scale)  # [k, out_dim]
-        return self.encoder.split(s)
+        return parts_from_crops(self.encoder, crop[None], scale=self.scale)  # the node's and CLI's path
 
 
 def _load_pickled(path: Path) -> Any:
