@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                     crops=crops, device=device, channels_last=cl)
     if args.compile:
         cl = layouts[args.channels_last][-1]
-        loops[f"ours{' channels_last' if cl else ''} compiled"] = make_step(base, encoder, ours=True, pixels=pixels, crops=crops, device=device,
-                                              channels_last=cl, compile_unet=True)
+        loops[f"ours{' channels_last' if cl else ''} compiled"] = make_step(
+            base, encoder, ours=True, pixels=pixels, crops=crops, device=device, channels_last=cl, compile_unet=True)
     results = measure(loops, batch=batch, steps=steps, warmup=args.warmup, rounds=args.rounds, device=device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     latent_tokens = (res // 8) ** 2  # UNet positions at full latent resolution, per sample

@@ -1,9 +1,10 @@
 """Scene switch: place a reference face's keypoints on a canvas and draw a ControlNet hint.
 
 The five detected landmarks (or the frontal ArcFace template) keep their shape (pose); they are
-moved so the face centre sits at ``(x, y)`` (fractions of the canvas; values outside 0..1 put the centre past an edge) and scaled so the face is
-``size`` of the canvas height. Two hint styles: OpenPose (COCO-18 head: nose, neck, eyes, ears,
-with OpenPose's colours) and InstantID-style 5-point keypoints.
+moved so the face centre sits at ``(x, y)`` (fractions of the canvas; values outside 0..1 put the
+centre past an edge) and scaled so the face is ``size`` of the canvas height. Two hint styles:
+OpenPose (COCO-18 head: nose, neck, eyes, ears, with OpenPose's colours) and InstantID-style
+5-point keypoints.
 """
 
 from __future__ import annotations

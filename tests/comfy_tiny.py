@@ -97,7 +97,8 @@ def tiny_clip(kind: str, width: int | tuple[int, int] | None = None, *, layers: 
         raise ValueError(f"{kind} has {len(towers)} text towers, got widths {widths}")
     module = importlib.import_module(module_name)
     target = comfy.supported_models_base.ClipTarget(getattr(module, tok_cls), getattr(module, model_cls))
-    options = {f"{key}_model_config": _text_config(w, layers, intermediate) for (key, _), w in zip(towers, widths, strict=True)}
+    options = {f"{key}_model_config": _text_config(w, layers, intermediate)
+               for (key, _), w in zip(towers, widths, strict=True)}
     if dtype is not None:
         options["dtype"] = dtype
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options=options)

@@ -2,9 +2,9 @@
 
 The photos are the samples in the insightface wheel: ``t1.jpg`` (six people) and
 ``Tom_Hanks_54745.png`` (one aligned face); a region of ``t1.jpg`` below the faces serves as a
-picture without a face. A "person" here is one of those seven faces; :class:`PhotoGenerator` returns a crop around that person's face,
-varied deterministically by the prompt and the seed (position jitter, colour treatment per style
-word, sometimes another person's face or none), so detection, alignment, identity and CLIP scores
+picture without a face. A "person" here is one of those seven faces; :class:`PhotoGenerator` returns a
+crop around that person's face, varied deterministically by the prompt and the seed (position jitter,
+colour treatment per style word, sometimes another person's face or none), so detection, alignment, identity and CLIP scores
 and the top-fraction selection all run on real faces.
 """
 

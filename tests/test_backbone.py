@@ -45,7 +45,8 @@ def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depth: int, 
     per-layer token means, the per-layer CLS tokens (None without one) and the identity."""
     cls = "cls_token" in sd
     x = (x - 0.5) / 0.5
-    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1])
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
+                 stride=sd["patch_embed.proj.weight"].shape[-1])
     t = t.flatten(2).transpose(1, 2)
     if cls:
         t = torch.cat([sd["cls_token"].expand(t.shape[0], -1, -1), t], dim=1)

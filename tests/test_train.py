@@ -539,8 +539,8 @@ def test_launch_checks_name_the_working_command():
     from training.launch import LaunchError, check_launch, launch_command
 
     assert launch_command(1, {}) == "python -m training.train"
-    assert launch_command(8, {"ACCELERATE_MIXED_PRECISION": "bf16", "TORCHELASTIC_RUN_ID": "x",
-                              "LOCAL_WORLD_SIZE": "8"}) == "accelerate launch --multi_gpu --num_processes 8 -m training.train"
+    assert launch_command(8, {"ACCELERATE_MIXED_PRECISION": "bf16", "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8"}) \
+        == "accelerate launch --multi_gpu --num_processes 8 -m training.train"
     assert launch_command(16, {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8"}).startswith(
         "torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
     check_launch(1, {})
