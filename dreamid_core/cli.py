@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .cli_runner import run_main
 from .detectors import BUILTIN, detector_names, make_detector
 from .embedding_io import sanitize_name, write_embedding
 from .encoder import COMBINE_MODES
@@ -102,18 +103,14 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _run_and_print(args: argparse.Namespace) -> None:
+    sys.stdout.write(json.dumps(run(args), indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["download"]:
         from . import download  # the hub client is imported only for this command
 
         return download.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        summary = run(args)
-    except (DreamIDError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-    return 0
+    return run_main(_run_and_print, build_parser().parse_args(argv))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from .cli_runner import run_main
 from .errors import DreamIDError
 
 logger = logging.getLogger("dreamid_core.download")
@@ -323,21 +324,18 @@ def _resolve_workflow(arg: Path) -> Path:
     return arg
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        workflows = [_resolve_workflow(w) for w in args.workflows] or pack_workflows()
-        if not workflows:
-            raise DownloadError(f"no workflows given and none in {PACK_WORKFLOWS} (an installed wheel has no "
-                                "templates): pass workflow .json files")
-        entries = [e for w in workflows for e in read_models(w)]
-        if not entries:
-            logger.warning("no 'models' list in %s: nothing to fetch", ", ".join(map(str, workflows)) or "(none)")
-        comfyui = find_comfyui(args.comfyui)
-        rows = download_models(entries, comfyui, dry_run=args.dry_run)
-    except DreamIDError as exc:
-        logger.error("%s", exc)
-        return 2
+def _run(args: argparse.Namespace) -> None:
+    workflows = [_resolve_workflow(w) for w in args.workflows] or pack_workflows()
+    if not workflows:
+        raise DownloadError(f"no workflows given and none in {PACK_WORKFLOWS} (an installed wheel has no "
+                            "templates): pass workflow .json files")
+    entries = [e for w in workflows for e in read_models(w)]
+    if not entries:
+        logger.warning("no 'models' list in %s: nothing to fetch", ", ".join(map(str, workflows)) or "(none)")
+    comfyui = find_comfyui(args.comfyui)
+    rows = download_models(entries, comfyui, dry_run=args.dry_run)
     sys.stdout.write(json.dumps({"comfyui": str(comfyui), "models": rows}, indent=2) + "\n")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, build_parser().parse_args(argv))

@@ -297,7 +297,7 @@ def test_cli_with_tiny_diffusion_model(built, tmp_path, caplog):
         assert build_dataset.main(["status", "--out", str(faces)]) == 0
     assert any("0 new items" in r.getMessage() for r in caplog.records)
     assert build_dataset.main(["filter", "--out", str(faces), "--face-model", str(tmp_path / "missing.pt"),
-                               "--clip-model", str(tmp_path)]) == 1
+                               "--clip-model", str(tmp_path)]) == 2
     assert any("missing.pt" in r.getMessage() and "not found" in r.getMessage() for r in caplog.records)
 
 

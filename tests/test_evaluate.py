@@ -97,7 +97,7 @@ def test_encoder_evaluation_writes_table_csv_and_grid(tmp_path, models, faces_di
     assert ev.main(_cli(models, faces_dir, out2, prompts, "--encoder", str(copy))) == 0
     torch.manual_seed(1)
     save_encoder(IDEncoder(ev.load_encoder(copy).config), copy)  # re-exported to the same path
-    assert ev.main(_cli(models, faces_dir, out2, prompts, "--encoder", str(copy))) == 1
+    assert ev.main(_cli(models, faces_dir, out2, prompts, "--encoder", str(copy))) == 2  # refused: exit 2
 
 
 @needs_photos

@@ -75,6 +75,6 @@ def test_export_refuses_bad_requests(trained, tmp_path, caplog):
     broken = shutil.copytree(result.checkpoint, tmp_path / "checkpoint-3")
     (broken / "complete.json").unlink()
     with caplog.at_level(logging.ERROR):
-        assert main(["--checkpoint", str(broken), "--out", str(tmp_path / "x.safetensors")]) == 1
+        assert main(["--checkpoint", str(broken), "--out", str(tmp_path / "x.safetensors")]) == 2  # a user error: exit 2
     assert "incomplete checkpoint" in caplog.text
     assert not (tmp_path / "x.safetensors").exists()

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dreamid_core import DreamIDError, FacePipeline, ImageInputError, detector_names, make_detector
+from dreamid_core import FacePipeline, ImageInputError, detector_names, make_detector
+from dreamid_core.cli_runner import run_main
 from dreamid_core.images import load_image
 
 from .dataset_steps import (
@@ -46,7 +47,7 @@ from .dataset_steps import (
     score_edits,
 )
 from .edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names
-from .jsonl import ShardBusyError, StepStore
+from .jsonl import StepStore
 from .selection import COMBINE_METHODS
 
 logger = logging.getLogger("training.build_dataset")
@@ -292,15 +293,7 @@ def run(args: argparse.Namespace) -> StepSummary | dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run(args)
-    except (DreamIDError, FileNotFoundError, ValueError, ShardBusyError) as exc:
-        logger.error("%s", exc, exc_info=args.verbose)
-        return 1
-    return 0
+    return run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

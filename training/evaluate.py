@@ -12,8 +12,8 @@ the prompt. S* comes from the encoder and is injected with :func:`training.text.
   outputs without a face are reported as the no-face rate, not counted as 0.
 
 ``--embedding FILE`` evaluates a plain textual-inversion file (this pack's ``.safetensors``, diffusers
-``learned_embeds``, A1111 ``.pt``; :mod:`training.eval_identity`) on the same protocol, for baselines. It is one fixed identity,
-so the SAME S* is used for every test face (face similarity then measures how close each test face
+``learned_embeds``, A1111 ``.pt``; :mod:`training.eval_identity`) on the same protocol, for baselines. It is
+one fixed identity, so the SAME S* is used for every test face (face similarity then measures how close each test face
 is to that one identity: meaningful with a single test face, the one the embedding was made from).
 
 The work is split into (test face, prompt) units, each recorded in ``eval/parts/`` once its images
@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from dreamid_core import (
-    DreamIDError,
     FaceNotFoundError,
     FacePipeline,
     ImageInputError,
@@ -49,6 +48,7 @@ from dreamid_core import (
     load_encoder,
     make_detector,
 )
+from dreamid_core.cli_runner import run_main
 from dreamid_core.fileio import atomic_write
 from dreamid_core.images import load_image
 
@@ -378,15 +378,7 @@ def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run(args)
-    except (DreamIDError, FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc, exc_info=args.verbose)
-        return 1
-    return 0
+    return run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dreamid_core import DreamIDError, load_encoder, read_encoder_config, save_encoder
+from dreamid_core import load_encoder, read_encoder_config, save_encoder
+from dreamid_core.cli_runner import run_main
 
 from .checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
 from .config import ConfigError, ExperimentConfig
@@ -106,15 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args: argparse.Namespace) -> None:
+    export(args.checkpoint, args.out, include_backbone=not args.no_backbone)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        export(args.checkpoint, args.out, include_backbone=not args.no_backbone)
-    except (DreamIDError, ConfigError, FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_main(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

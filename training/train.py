@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamid_core import DreamIDError
+from dreamid_core.cli_runner import run_main
 
 from .checkpoint import CONFIG_FILE, CheckpointManager, restore_rng
 from .config import ConfigError, ExperimentConfig
@@ -340,28 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.config:
-            cfg = ExperimentConfig.load(args.config)
-        elif args.resume and (latest := CheckpointManager(args.output_dir).latest()) is not None:
-            cfg = ExperimentConfig.from_json(latest.config_json(), str(latest.path / CONFIG_FILE))
-        else:
-            raise ConfigError("--config is required (only --resume of an existing run can do without it)")
-        flags = RunFlags(output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
-                         stop_after_step=args.stop_after_step, cache_dir=args.cache_dir, log_every=args.log_every,
-                         num_workers=args.num_workers, report_to=args.report_to, channels_last=args.channels_last,
-                         compile_unet=args.compile, progress=not args.no_progress,
-                         allow_batch_change=args.allow_batch_change, skip_steps=tuple(args.skip_step),
-                         process_group_timeout_min=args.process_group_timeout)
-        result = train(cfg, flags)
-    except (DreamIDError, ConfigError, FileNotFoundError, FileExistsError) as exc:
-        logger.error("%s", exc)
-        return 1
+def _run(args: argparse.Namespace) -> None:
+    if args.config:
+        cfg = ExperimentConfig.load(args.config)
+    elif args.resume and (latest := CheckpointManager(args.output_dir).latest()) is not None:
+        cfg = ExperimentConfig.from_json(latest.config_json(), str(latest.path / CONFIG_FILE))
+    else:
+        raise ConfigError("--config is required (only --resume of an existing run can do without it)")
+    flags = RunFlags(output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
+                     stop_after_step=args.stop_after_step, cache_dir=args.cache_dir, log_every=args.log_every,
+                     num_workers=args.num_workers, report_to=args.report_to, channels_last=args.channels_last,
+                     compile_unet=args.compile, progress=not args.no_progress,
+                     allow_batch_change=args.allow_batch_change, skip_steps=tuple(args.skip_step),
+                     process_group_timeout_min=args.process_group_timeout)
+    result = train(cfg, flags)
     logger.info("done: step %d, checkpoint %s", result.step, result.checkpoint)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

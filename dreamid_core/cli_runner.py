@@ -1,0 +1,75 @@
+"""The one runner every command line's ``main()`` goes through: same logging, same exit codes.
+
+- exit 0: done (or the ``int`` the command returns);
+- exit 2: a mistake the user can fix (a :class:`DreamIDError`, a bad value, a missing or existing
+  file): its message on one line, no traceback (``--verbose`` adds the traceback);
+- exit 130: interrupted (Ctrl-C);
+- exit 1: anything else, a bug: logged with its traceback.
+
+Usage::
+
+    def main(argv=None) -> int:
+        return run_main(run, build_parser().parse_args(argv))
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from .errors import DreamIDError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# What a user did wrong (a value, a path) rather than what the code did wrong.
+USER_ERRORS: tuple[type[BaseException], ...] = (DreamIDError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def log_level(args: argparse.Namespace) -> int | str:
+    """``--verbose`` -> DEBUG, else ``--log-level`` where the command has one, else INFO."""
+    if getattr(args, "verbose", False):
+        return logging.DEBUG
+    return str(getattr(args, "log_level", None) or "INFO").upper()
+
+
+def setup_logging(level: int | str) -> None:
+    """Log to stderr (stdout stays free for a command's JSON output)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+def _command_name(run: Callable) -> str:
+    """The module a command lives in (``training.train``, also when run as ``python -m training.train``)."""
+    module = getattr(run, "__module__", None) or __name__
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", None) or module
+    return module
+
+
+def run_main(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Set up logging from ``args``, call ``run(args)`` and map what it raises to an exit code.
+
+    An ``int`` that ``run`` returns is the exit code; anything else it returns (a summary) means 0.
+    """
+    setup_logging(log_level(args))
+    log = logging.getLogger(_command_name(run))
+    verbose = bool(getattr(args, "verbose", False))
+    try:
+        code = run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        log.error("%s", exc, exc_info=verbose)
+        return EXIT_USAGE
+    except Exception:
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        return EXIT_BUG
+    return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_OK
