@@ -39,6 +39,25 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
 
 
+
+def check_format_version(found: object, path: object, kind: str, supported: int = FORMAT_VERSION) -> int:
+    """The one place a file's format version is checked; returns it as an int.
+
+    ``found`` is the version the file states (an int from a JSON config, or the string safetensors
+    metadata holds); ``path`` names the file in the message, ``kind`` what it is ("encoder",
+    "identity"). A missing or non-integer version, or one newer than ``supported``, is refused.
+    """
+    if isinstance(found, str) and found.strip().isdigit():
+        found = int(found)
+    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
+        raise WeightFormatError(f"{path}: the {kind} format_version is missing or not an integer ({found!r}); "
+                                "the file is damaged or was not written by DreamIdentity: export or save it again")
+    if found > supported:
+        raise WeightFormatError(
+            f"{path}: written in {kind} format version {found}, this DreamIdentity reads up to {supported}. "
+            "Update the pack (git pull, or Update in ComfyUI-Manager) to load it.")
+    return found
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """A face-recognition ViT. Defaults are arcface_torch's vit_s (112 px, patch 9, no CLS token)."""
@@ -157,13 +176,7 @@ class EncoderConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> EncoderConfig:
         if not isinstance(data, dict):
             raise WeightFormatError(f"{source}: the encoder config is {type(data).__name__}, expected a JSON object")
-        version = data.get("format_version")
-        if not isinstance(version, int):
-            raise WeightFormatError(f"{source}: format_version is missing or not an integer ({version!r})")
-        if version > FORMAT_VERSION:
-            raise WeightFormatError(
-                f"{source}: written in format version {version}, this DreamIdentity reads up to "
-                f"{FORMAT_VERSION}. Update the pack (git pull / ComfyUI-Manager update) to load it.")
+        check_format_version(data.get("format_version"), source, "encoder")
         data = dict(data)
         backbone = data.pop("backbone", {})
         try:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .config import TEXT_ENCODER_PRESETS, unknown_fields
+from .config import TEXT_ENCODER_PRESETS, check_format_version, unknown_fields
 from .embedding_io import embedding_tensors
 from .errors import WeightFormatError
 from .fileio import atomic_save_safetensors
@@ -99,12 +99,7 @@ class IdentityConfig:
             raise WeightFormatError(f"{source}: the identity config is not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise WeightFormatError(f"{source}: the identity config is {type(data).__name__}, expected an object")
-        version = data.get("format_version")
-        if not isinstance(version, int):
-            raise WeightFormatError(f"{source}: format_version is missing or not an integer ({version!r})")
-        if version > IDENTITY_FORMAT_VERSION:
-            raise WeightFormatError(f"{source}: identity format version {version}, this DreamIdentity reads up to "
-                                    f"{IDENTITY_FORMAT_VERSION}. Update the pack to load it.")
+        check_format_version(data.get("format_version"), source, "identity", IDENTITY_FORMAT_VERSION)
         unknown = unknown_fields(cls, data)
         if unknown:
             raise WeightFormatError(f"{source}: unknown identity config fields {unknown}; written by a newer "

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .backbone import FaceViT
-from .config import FORMAT_VERSION, BackboneConfig, EncoderConfig
+from .config import FORMAT_VERSION, BackboneConfig, EncoderConfig, check_format_version
 from .encoder import IDEncoder
 from .errors import WeightFormatError
 from .fileio import atomic_save_safetensors
@@ -126,14 +126,7 @@ def read_encoder_config(path: str | os.PathLike[str]) -> tuple[EncoderConfig, di
             f"{path.name} is a safetensors file but not a DreamIdentity encoder (no {META_CONFIG!r} in its "
             f"metadata; keys: {sorted(meta)}). Is it a textual-inversion embedding or another model? "
             "Put it in the folder that matches what it is.")
-    try:
-        version = int(meta.get(META_FORMAT, "0"))
-    except ValueError:
-        raise WeightFormatError(f"{path.name}: {META_FORMAT} is {meta.get(META_FORMAT)!r}, not an integer") from None
-    if version > FORMAT_VERSION:
-        raise WeightFormatError(
-            f"{path.name} was written in DreamIdentity format version {version}; this version reads up to "
-            f"{FORMAT_VERSION}. Update the pack (git pull, or Update in ComfyUI-Manager) to load it.")
+    check_format_version(meta.get(META_FORMAT, "0"), path.name, "encoder")  # files before the key: 0
     config = EncoderConfig.from_json(meta[META_CONFIG], source=path.name)
     try:
         provenance = json.loads(meta.get(META_PROVENANCE, "{}"))
