@@ -33,10 +33,6 @@ class IdentityEmbeds:
         """k, the vectors per occurrence of the trigger; 0 when the identity is switched off (strength 0)."""
         return next(iter(self.parts.values())).shape[0]
 
-    @property
-    def widths(self) -> dict[str, int]:
-        return {k: int(v.shape[-1]) for k, v in self.parts.items()}
-
     def vectors_for(self, key: str, width: int, where: str = "text encoder") -> torch.Tensor:
         """S* for text encoder ``key`` (e.g. "clip_l"), checked against that encoder's ``width``."""
         if key not in self.parts:

@@ -2,7 +2,7 @@
 on a real diffusers pipeline or on anything else that maps (prompt, seed) to an image (tests use
 real photos, since tiny test models only draw noise).
 
-- :class:`Generator`: ``generator(prompt, seed) -> PIL.Image``; optionally
+- a generator is any callable ``generator(prompt, seed) -> PIL.Image``; optionally
   ``generator.batch(prompts, seeds, parts=None, k=2) -> list[PIL.Image]`` (batched, and S*-aware:
   ``parts`` are per-prompt S* vectors ``{"clip_h": [B, k, D]}`` injected where the prompt says "S*").
 - :class:`DiffusersGenerator`: the base model's pipeline (DDIM by default), prompts encoded by
@@ -15,18 +15,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
 from .text import encode_prompts
 
 logger = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Generator(Protocol):
-    def __call__(self, prompt: str, seed: int) -> Any: ...
 
 
 def item_seed(base_seed: int, key: str) -> int:
@@ -66,7 +61,7 @@ def generate_many(generator: Any, prompts: Sequence[str], seeds: Sequence[int], 
 
 
 class DiffusersGenerator:
-    """The frozen base model's diffusers pipeline as a :class:`Generator`.
+    """The frozen base model's diffusers pipeline as a generator (``generator(prompt, seed) -> image``).
 
     ``steps``/``guidance``: DDIM steps and classifier-free guidance (the paper: 30 and 7.5).
     ``height``/``width``: None uses the model's native size. ``negative_prompt``: the unconditional text.

@@ -90,7 +90,6 @@ class PartWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh: IO[str] | None = None
-        self.written = 0
 
     def __enter__(self) -> PartWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +122,6 @@ class PartWriter:
         self._fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        self.written += 1
 
     def __exit__(self, *exc: object) -> None:
         if self._fh is not None:

@@ -28,7 +28,6 @@ from dreamid_core.runtime import check_onnxruntime, select_providers
 
 logger = logging.getLogger(__name__)
 
-FACE_MODEL_SUFFIXES = (".pt", ".pth", ".safetensors", ".onnx")
 _FACE_EXPECTED = ("an insightface arcface_torch ViT checkpoint (.pt/.pth state dict, or .safetensors) or an "
                   "insightface recognition model (.onnx, e.g. glintr100.onnx from antelopev2 or w600k_r50.onnx "
                   "from buffalo_l)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class BaseModel:
     tokenizers: list[Any]
     noise_scheduler: Any
     source: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
