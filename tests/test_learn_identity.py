@@ -218,7 +218,7 @@ def test_cli_writes_loadable_identities_of_both_layouts(tiny, tmp_path):
     ps = load_learned_identity(staged, single_key="clip_h")
     assert ps.layout == "per_stage" and tuple(ps.tensors["clip_h"].shape) == (5, 2, 2, TINY_TEXT_WIDTH)
     assert ps.config.init == "file:me.safetensors" and ps.config.stage_kind == "time"
-    assert cli.main(_cli_args(tiny, out)) == 1  # exists: refused without --overwrite
+    assert cli.main(_cli_args(tiny, out)) == 2  # exists: refused without --overwrite (a user error: exit 2)
     enc = _constant_encoder(tmp_path, {"clip_h": torch.randn(2, TINY_TEXT_WIDTH)})
     assert cli.main(_cli_args(tiny, out, "--encoder", str(enc), "--overwrite", "--steps", "1")) == 0
     assert load_learned_identity(out, single_key="clip_h").config.init == "encoder"
@@ -226,7 +226,7 @@ def test_cli_writes_loadable_identities_of_both_layouts(tiny, tmp_path):
 
 def test_bad_input_fails_clearly(tiny, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
-        assert cli.main(_cli_args(tiny, tmp_path / "x", "--photos", str(tiny["no_face"]))) == 1
+        assert cli.main(_cli_args(tiny, tmp_path / "x", "--photos", str(tiny["no_face"]))) == 2
     assert "No face found" in caplog.text and not (tmp_path / "x.safetensors").exists()
     args = cli.build_parser().parse_args(_cli_args(tiny, tmp_path / "x", "--photos", str(tiny["no_face"])))
     with pytest.raises(FaceNotFoundError, match=r"none\.png: No face found"):
@@ -271,7 +271,7 @@ def test_evaluation_compares_ti_learned_and_encoder_in_one_table(tiny, tmp_path)
     for name in ("TI", "learned", "encoder"):
         assert (out / name / "summary.csv").is_file() and (out / name / "grid.png").is_file()
     (per_face / "tom.safetensors").unlink()
-    assert evi.main(argv) == 1  # a face without its identity is named, not skipped
+    assert evi.main(argv) == 2  # a face without its identity is named, not skipped
 
 
 def test_sdxl_learns_both_text_encoders_and_per_stage_equals_words(tiny, tmp_path):

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dreamid_core import DreamIDError, FacePipeline, detector_names, load_encoder, make_detector
+from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
+from dreamid_core.cli_runner import run_main
 
 from . import evaluate as ev
 from .eval_report import _fmt
@@ -158,15 +159,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run(args)
-    except (DreamIDError, FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc, exc_info=args.verbose)
-        return 1
-    return 0
+    """Exit 0 done, 2 a mistake the user can fix (message on one line), 1 a bug (dreamid_core.cli_runner)."""
+    return run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

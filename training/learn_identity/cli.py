@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dreamid_core import DreamIDError, FacePipeline, detector_names, make_detector
+from dreamid_core import FacePipeline, detector_names, make_detector
+from dreamid_core.cli_runner import run_main
 from dreamid_core.learned_identity import LAYOUTS, IdentityConfig, save_learned_identity
 from dreamid_core.stages import STAGE_KINDS
 
@@ -154,12 +154,5 @@ def run(args: argparse.Namespace) -> LearnResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run(args)
-    except (DreamIDError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        logger.error("%s", exc, exc_info=args.verbose)
-        return 1
-    return 0
+    """Exit 0 done, 2 a mistake the user can fix (message on one line), 1 a bug (dreamid_core.cli_runner)."""
+    return run_main(run, build_parser().parse_args(argv))
