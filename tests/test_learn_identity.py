@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from face_photos import HAVE_PHOTOS, face_photo
+from PIL import Image
 from tiny_diffusers import (
     TINY_TEXT_WIDTH,
     make_tiny_arcface,
@@ -293,3 +294,31 @@ def test_sdxl_learns_both_text_encoders_and_per_stage_equals_words(tiny, tmp_pat
     b = IdentityGenerator(base, steps=3, num_stages=5).batch(["a photo of S*"], [1],
                                                              parts={k: v[None] for k, v in staged.tensors.items()})
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_training_evaluate_scores_a_per_stage_identity_through_the_processor(tiny, tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    face_photo("t1-1", size=96).save(faces / "ann.png")
+    words = {"clip_h": torch.randn(2, TINY_TEXT_WIDTH, generator=torch.Generator().manual_seed(7))}
+    ti = save_learned_identity(tmp_path / "ti.safetensors", LearnedIdentity.words(words))
+    staged = save_learned_identity(tmp_path / "staged.safetensors", LearnedIdentity.per_stage_from_words(words))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of S*\n")
+    common = ["--base-model", str(tiny["base_dir"]), "--faces", str(faces), "--prompts", str(prompts),
+              "--face-model", str(make_tiny_arcface(tmp_path / "arc.pt")), "--clip-model",
+              str(make_tiny_clip_model(tmp_path / "clip")), "--images-per-prompt", "1", "--steps", "3", "--device",
+              "cpu", "--no-detect-retry"]
+    assert ev.main([*common, "--out", str(tmp_path / "ti"), "--embedding", str(ti)]) == 0
+    assert ev.main([*common, "--out", str(tmp_path / "ps"), "--identity", str(staged)]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "images" / "ann" / "000-0.png")) for d in ("ti", "ps"))
+    assert np.array_equal(a, b)  # every stage's K and V = S*: the words image, so the processor ran exactly
+    changed = {"clip_h": LearnedIdentity.per_stage_from_words(words).tensors["clip_h"].clone()}
+    changed["clip_h"][1, 1] = torch.randn(2, TINY_TEXT_WIDTH)  # stage 1's values (t 200..399)
+    other = save_learned_identity(tmp_path / "other.safetensors", LearnedIdentity(
+        IdentityConfig(layout="per_stage"), changed))
+    assert ev.main([*common, "--out", str(tmp_path / "other"), "--identity", str(other)]) == 0
+    c = np.asarray(Image.open(tmp_path / "other" / "images" / "ann" / "000-0.png"))
+    assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="folder of per-face identities"):
+        evi.LearnedIdentitySource(tmp_path / "faces", {"clip_h": TINY_TEXT_WIDTH})

@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors")
+    who.add_argument("--identity", type=Path, help="a learned identity of either layout (python -m "
+                     "training.learn_identity), one for every face; several methods or one per face: "
+                     "python -m training.evaluate_identities")
     who.add_argument("--embedding", type=Path, help="textual-inversion file (one fixed identity, a baseline): this "
                                                     "pack's .safetensors, diffusers learned_embeds (.safetensors/.bin) "
                                                     "or A1111 .pt (read with weights_only=True)")
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .generation import DiffusersGenerator, resolve_device, resolve_dtype
+    from .generation import resolve_device, resolve_dtype
+    from .learn_identity.sampling import IdentityGenerator
     from .metrics import ClipScorer, IdentityScorer
     from .models import load_base_model
 
@@ -346,9 +350,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = load_base_model(args.base_model, family=args.family, config=args.base_config,
                            dtype=resolve_dtype(args.dtype, device)).to(device)
     source, what = identity_source(args, base, device)
-    generator = DiffusersGenerator(base, steps=args.steps, guidance=args.guidance, height=args.height,
-                                   width=args.width, negative_prompt=args.negative_prompt, trigger=args.trigger,
-                                   device=device)
+    generator = IdentityGenerator(base, num_stages=getattr(source, "num_stages", 1),  # per-stage: same processor
+                                  stage_kind=getattr(source, "stage_kind", "time"), steps=args.steps,
+                                  guidance=args.guidance, height=args.height, width=args.width,
+                                  negative_prompt=args.negative_prompt, trigger=args.trigger, device=device)
     header = {"S* from": what, "S* file sha256": file_sha256(Path(what)), "base model": str(args.base_model),
               "sampler": f"DDIM {args.steps} steps, CFG {args.guidance}", "seed": args.seed,
               "face model": str(args.face_model), "CLIP model": str(args.clip_model)}
@@ -374,6 +379,10 @@ def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -
     if args.encoder is not None:
         encoder = load_encoder(args.encoder, backbone_path=args.backbone, device=device)
         return EncoderIdentity(encoder, base.widths, args.scale), str(args.encoder)
+    if getattr(args, "identity", None) is not None:
+        from .learn_identity.evaluation import LearnedIdentitySource
+
+        return LearnedIdentitySource(args.identity, base.widths), str(args.identity)
     return EmbeddingIdentity(args.embedding, base.family, base.widths), str(args.embedding)
 
 

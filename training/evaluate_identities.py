@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             source = ev.EncoderIdentity(load_encoder(path, backbone_path=args.backbone, device=device), base.widths)
             stages, stage_kind, what = 1, "time", "DreamIdentity encoder"
         else:
-            source = LearnedIdentitySource(path, faces, base.widths)
+            source = LearnedIdentitySource(path, base.widths, faces)
             stages, stage_kind, what = source.num_stages, source.stage_kind, source.description
         generator = IdentityGenerator(base, num_stages=stages, stage_kind=stage_kind, steps=args.steps,
                                       guidance=args.guidance, height=args.height, width=args.width,

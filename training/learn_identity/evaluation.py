@@ -21,13 +21,17 @@ class LearnedIdentitySource:
     """Learned identities (or TI files) as an evaluation identity source: one file for every face, or a
     folder with one file per test face."""
 
-    def __init__(self, path: str | Path, faces: dict[str, torch.Tensor], widths: dict[str, int]) -> None:
+    def __init__(self, path: str | Path, widths: dict[str, int], faces: dict[str, torch.Tensor] | None = None) -> None:
         path = Path(path)
         single = next(iter(widths)) if len(widths) == 1 else None
+        faces = faces or {}
         if path.is_file():
-            files = {name: path for name in faces}
+            files: dict[str, Path] = {}  # the one identity serves every face
             self.fixed = True
         elif path.is_dir():
+            if not faces:
+                raise ValueError(f"{path} is a folder of per-face identities; evaluate it with python -m "
+                                 "training.evaluate_identities --method NAME=identity:FOLDER (or pass one file)")
             files = {name: path / f"{name}.safetensors" for name in faces}
             missing = [n for n, f in files.items() if not f.is_file()]
             if missing:
@@ -37,7 +41,7 @@ class LearnedIdentitySource:
             self.fixed = False
         else:
             raise FileNotFoundError(f"identity file or folder not found: {path}")
-        loaded = {f: load_learned_identity(f, single_key=single) for f in set(files.values())}
+        loaded = {f: load_learned_identity(f, single_key=single) for f in ({path} if self.fixed else set(files.values()))}
         for f, ident in loaded.items():
             check_widths(ident.tensors, widths, f"identity {f.name}")
         kinds = {(i.layout, i.num_tokens, i.config.num_stages if i.layout == "per_stage" else 1,
@@ -48,6 +52,7 @@ class LearnedIdentitySource:
         self.layout, self.k, self.num_stages, self.stage_kind = kinds.pop()
         self._faces = faces
         self._tensors = {name: loaded[f].tensors for name, f in files.items()}
+        self._single = loaded[path].tensors if self.fixed else None
         seconds = [i.config.extra.get("seconds") for i in loaded.values()]
         self.learn_seconds = (sum(seconds) / len(seconds)) if all(isinstance(s, (int, float)) for s in seconds) else None
         self.description = (f"learned identity ({self.layout}, k={self.k}"
@@ -55,6 +60,8 @@ class LearnedIdentitySource:
                             + (", the same for every face)" if self.fixed else ", one per test face)"))
 
     def parts(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._single is not None:
+            return self._single
         for name, face in self._faces.items():
             if face is crop or (face.shape == crop.shape and torch.equal(face, crop)):
                 return self._tensors[name]
