@@ -17,28 +17,12 @@ from comfy.ldm.modules import attention as comfy_attention
 from ..dreamid_core import check_trigger
 from ..dreamid_core.errors import TriggerNotFoundError
 from ..dreamid_core.regions import biased_attention, check_aspect, check_region_mask, region_bias
+from .attention_patches import attention_blocks
 from .comfy_tokens import tokenize_with_identities
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
 MAX_PEOPLE = 3
-
-
-def cross_attention_blocks(model) -> list[tuple[str, int]]:
-    """ComfyUI block ids (``("input", 1)``, ``("middle", 0)``, ``("output", 3)``) that hold cross-attention."""
-    dm = model.model.diffusion_model
-
-    def has_attn2(module) -> bool:
-        return any(getattr(m, "attn2", None) is not None for m in module.modules())
-
-    blocks = [("input", i) for i, b in enumerate(getattr(dm, "input_blocks", [])) if has_attn2(b)]
-    if getattr(dm, "middle_block", None) is not None and has_attn2(dm.middle_block):
-        blocks.append(("middle", 0))
-    blocks += [("output", i) for i, b in enumerate(getattr(dm, "output_blocks", [])) if has_attn2(b)]
-    if not blocks:
-        raise ValueError(f"this MODEL ({type(dm).__name__}) has no UNet cross-attention blocks; identity regions "
-                         "need an SD1.x, SD2.x or SDXL model")
-    return blocks
 
 
 class RegionPatch:
@@ -150,7 +134,7 @@ class DreamIDIdentityRegions:
         masks = [check_region_mask(m, name) if m is not None else None for _, _, m, name in people]
         patch = RegionPatch(masks, positions, int(cond[0][0].shape[1]), [name for *_, name in people])
         clone = model.clone()
-        for block, number in cross_attention_blocks(clone):
+        for block, number in attention_blocks(clone):
             clone.set_model_attn2_replace(patch, block, number)
         logger.info("DreamIdentity regions: %s", ", ".join(
             f"{t} ({'masked' if m is not None else 'everywhere'}, {found.counts[t]}x)" for t, _, m, _ in people))

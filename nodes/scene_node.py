@@ -31,6 +31,11 @@ def _more_heads() -> dict:
     return extra
 
 
+def _head_floats(more: dict) -> dict:
+    """The FLOAT inputs of heads 2 and 3 (x_2, y_2, head_size_2, ...) among a node's optional inputs."""
+    return {k: v for k, v in more.items() if k.split("_")[0] in ("x", "y", "head")}
+
+
 def place_heads(width: int, height: int, style: str, face_layout, x: float, y: float, head_size: float,
                 more: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The hint image ``[1, H, W, 3]`` with every head drawn, and one MASK ``[1, H, W]`` per head slot."""
@@ -92,8 +97,7 @@ class DreamIDHeadPlacement:
     CATEGORY = CATEGORY
 
     def place(self, width, height, x, y, head_size, style, face_layout=None, **more):
-        require_finite("DreamID_HeadPlacement", x=x, y=y, head_size=head_size,
-                       **{k: v for k, v in more.items() if k.split("_")[0] in ("x", "y", "head")})
+        require_finite("DreamID_HeadPlacement", x=x, y=y, head_size=head_size, **_head_floats(more))
         image, masks = place_heads(width, height, style, face_layout, x, y, head_size, more)
         return (image, *masks)
 
@@ -143,8 +147,7 @@ class DreamIDScenePosition:
         import nodes as comfy_nodes  # ComfyUI's own nodes module (this pack's folder is <pack>.nodes)
 
         require_finite("DreamID_ScenePosition", x=x, y=y, head_size=head_size, strength=strength,
-                       start_percent=start_percent, end_percent=end_percent,
-                       **{k: v for k, v in more.items() if k.split("_")[0] in ("x", "y", "head")})
+                       start_percent=start_percent, end_percent=end_percent, **_head_floats(more))
         if end_percent < start_percent:
             raise ValueError(f"end_percent {end_percent} is before start_percent {start_percent}; swap them.")
         image, masks = place_heads(width, height, style, face_layout, x, y, head_size, more)
