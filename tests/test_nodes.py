@@ -293,7 +293,7 @@ def test_blank_image_from_load_image_says_it_is_blank(comfyui, pack, encoder_fil
     (bundle,) = pack["nodes"]["DreamID_LoadIDEncoder"]().load(encoder_file.name, "mtcnn", "auto")
     encode = pack["nodes"]["DreamID_EncodeFace"]().encode
     blank = r"image 0 \(1280x\d+ px\): the image is blank.*16-bit"
-    if float(image.amax() - image.amin()) == 0:  # ComfyUI 0.3.x's PIL loader turns it white
+    if float((image > 0.99).float().mean()) > 0.98:  # ComfyUI 0.3.x's PIL loader turns it (nearly) all white
         with pytest.raises(pack["core"].FaceNotFoundError, match=blank):
             encode(bundle, image, 1.0, "average", 0, "largest", "error")
     else:  # newer loaders (PyAV, ComfyUI 0.33) keep the picture: then the faces are found

@@ -4,13 +4,13 @@ same photo and encoder (both go through dreamid_core.identity.encode_identity)."
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, save_encoder
@@ -33,8 +33,9 @@ def test_cli_and_node_give_the_same_s_star(comfyui, tmp_path, face_index, combin
     name = f"one_path_{face_index}.safetensors"
     encoder = save_encoder(IDEncoder(EncoderConfig.for_target("sd2", bb, hidden_dim=32)),
                            comfyui.models_dir("dreamidentity") / name)
-    photo = Path(comfyui.folder_paths.get_input_directory()) / "group_one_path.jpg"
-    shutil.copy(sample_photo(), photo)
+    # a PNG: lossless, so ComfyUI's loader (PIL in 0.3.x, PyAV in 0.33) and the CLI's see the same pixels
+    photo = Path(comfyui.folder_paths.get_input_directory()) / "group_one_path.png"
+    Image.open(sample_photo()).convert("RGB").save(photo)
     out = subprocess.run([sys.executable, "-m", "dreamid_core", photo, "--encoder", encoder, "--name", "me",
                           "--face-index", str(face_index), "--combine", combine, "--detector", "mtcnn",
                           "--provider", "cpu", "--out-dir", tmp_path], capture_output=True, text=True, timeout=300)
