@@ -197,3 +197,17 @@ def test_trigger_errors_and_common_word_warning(comfyui, pack, emb_dir, caplog):
     caplog.clear()
     pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, "a photo of sks", "sks")
     assert "common word" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_the_nodes_own_default_prompt_and_trigger(comfyui, pack, emb_dir, kind):
+    """What a user meets first: InjectIDTokens with its default text and trigger, unedited."""
+    clip = tiny(kind, emb_dir)
+    required = pack["nodes"]["DreamID_InjectIDTokens"].INPUT_TYPES()["required"]
+    text, trigger = required["text"][1]["default"], required["trigger"][1]["default"]
+    assert "S*," in text  # the default has the trigger glued to a comma: what BPE-token matching missed
+    embeds = random_identity(pack, clip, kind, 2, 21)
+    token = save(pack, embeds, f"default {kind}")
+    ours = inject(pack, clip, embeds, text, trigger)
+    assert_same(ours, comfyui.nodes.CLIPTextEncode().encode(clip, text.replace(trigger, f" {token} "))[0], text)
+    assert not torch.equal(ours[0][0], comfyui.nodes.CLIPTextEncode().encode(clip, text)[0][0][0])

@@ -220,3 +220,14 @@ def test_head_placement_draws_every_head_and_masks_each(setup):
     assert float(single[0, :, 128:].max()) == 0
     with pytest.raises(ValueError, match="x_2=NaN is not a finite number"):
         place(256, 128, 0.25, 0.5, 0.4, "openpose", None, x_2=float("nan"), y_2=0.5, head_size_2=0.4)
+
+
+@pytest.mark.comfyui
+def test_regions_node_runs_with_its_own_defaults(setup):
+    """Its default prompt holds its default triggers, so the node works unedited with two people."""
+    spec = setup["nodes"]["DreamID_IdentityRegions"].INPUT_TYPES()
+    text = spec["required"]["text"][1]["default"]
+    t1, t2 = spec["required"]["trigger"][1]["default"], spec["optional"]["trigger_2"][1]["default"]
+    model, positive = regions(setup, setup["person"](), setup["person"](), *halves(64, 64), text=text)
+    assert t1 in text and t2 in text and positive[0][0].shape[1] == 77
+    assert sample(setup, model, positive).shape == (1, 4, 8, 8)
