@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_time
 
 from dreamid_core import FacePipeline, make_detector
 from dreamid_core.align import ARCFACE_TEMPLATE_112, align_face
 from dreamid_core.images import load_image
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def resized(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from comfy_env import find_comfyui, import_comfyui, load_pack, skip_reason  # noqa: E402
+from timing import median_time  # noqa: E402
 
 PROMPT = "a photo of S* as a chef, looking at the camera, detailed face, (kitchen background:1.1), soft light"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def sd2_clip(size: str):

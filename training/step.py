@@ -70,13 +70,7 @@ def diffusion_loss(base, encoder: Callable[[torch.Tensor], torch.Tensor],
     noise, timesteps = noise.to(device), timesteps.to(device)
     latents = latents.float()
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported; the base model's "
-                         "scheduler must predict 'epsilon' or 'v_prediction'")
+    target = diffusion_target(scheduler, latents, noise, timesteps)
 
     kwargs = {}
     if base.family == "sdxl":
@@ -92,3 +86,14 @@ def diffusion_loss(base, encoder: Callable[[torch.Tensor], torch.Tensor],
 def base_vae_factor(base) -> int:
     """Pixels per latent (8 for SD's VAE)."""
     return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for these noised latents: the noise (epsilon) or the velocity."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported; the base model's scheduler must predict 'epsilon' "
+                     "or 'v_prediction'")

@@ -34,7 +34,7 @@ from dreamid_core.attention_loss import face_attention_loss, face_mass, resize_m
 from dreamid_core.learned_identity import IdentityConfig, LearnedIdentity
 from dreamid_core.stages import stage_for_timestep
 
-from ..step import base_vae_factor, sdxl_time_ids, step_generator
+from ..step import base_vae_factor, diffusion_target, sdxl_time_ids, step_generator
 from ..text import PART_FOR_ENCODER, encode_prompts
 from .attention import install
 from .data import PhotoLatents
@@ -192,13 +192,7 @@ class IdentityLearner:
         latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
         scheduler = base.noise_scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported (epsilon or "
-                             "v_prediction)")
+        target = diffusion_target(scheduler, latents, noise, timesteps)
         return latents, masks, picks, timesteps, noisy, target
 
     def step(self, step: int) -> StepStats:
