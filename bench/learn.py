@@ -6,7 +6,7 @@ loop, same models, same run.
 
 reference: what a textual-inversion example script does: everything fp32, the VAE encodes the photo
 on every step (``latent_dist.sample()``), no caching, k word vectors injected into the prompt
-(training/text.py), the diffusion MSE, backward, AdamW.
+(training/common/prompt_encoding.py), the diffusion MSE, backward, AdamW.
 ours: :meth:`training.learn_identity.loop.IdentityLearner.step` as the command line runs it —
 latents encoded once, UNet and text encoder frozen in bf16 on a GPU (fp32 on a CPU), augmentation
 and face mask per step; measured as plain TI (``--attn-weight 0``), with the attention loss (its
@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402  (the shared model shapes and tokenizer of bench/train_step.py)
 
 from dreamid_core.learned_identity import IdentityConfig  # noqa: E402
-from training.latents import encode_latents  # noqa: E402
+from training.common.base_model import BaseModel  # noqa: E402
+from training.common.diffusion import step_generator  # noqa: E402
+from training.common.latents import encode_latents  # noqa: E402
+from training.common.prompt_encoding import encode_prompts  # noqa: E402
 from training.learn_identity.data import PhotoLatents  # noqa: E402
 from training.learn_identity.loop import IdentityLearner, RunOptions  # noqa: E402
-from training.models import BaseModel  # noqa: E402
-from training.step import step_generator  # noqa: E402
-from training.text import encode_prompts  # noqa: E402
 
 LOOPS = ("reference", "ours TI", "ours attn", "ours per_stage attn", "ours per_stage attn ckpt")
 GOALS_GIB = {"sd21": 10.0}  # the goal at batch 1 with gradient checkpointing, 512 px

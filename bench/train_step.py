@@ -5,7 +5,7 @@
 
 ours: latents cached (VAE encoded once, outside the loop), UNet and text encoder frozen in bf16
 with bf16 autocast on GPU (fp32 on CPU), the face backbone frozen (no graph is built for it),
-optionally channels_last, then the loss of training/step.py, backward, grad clipping, AdamW.
+optionally channels_last, then the loss of training/train/loss.py, backward, grad clipping, AdamW.
 reference: what a textual-inversion example script does: everything fp32, the VAE encodes the
 images on every step, no caching, the same loss, backward, clipping and AdamW.
 
@@ -41,9 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder  # noqa: E402
-from training.latents import encode_latents  # noqa: E402
-from training.models import BaseModel  # noqa: E402
-from training.step import diffusion_loss, step_generator  # noqa: E402
+from training.common.base_model import BaseModel  # noqa: E402
+from training.common.diffusion import step_generator  # noqa: E402
+from training.common.latents import encode_latents  # noqa: E402
+from training.train.loss import diffusion_loss  # noqa: E402
 
 ANCHOR_TFLOP_PER_SAMPLE = 1.7  # SD2.1-base, 512 px, cached latents
 ANCHOR_SAMPLES_PER_S = 230.0  # one H100 at 40 % utilisation

@@ -1,4 +1,5 @@
-"""S* as a standard textual-inversion file, readable by ComfyUI's ``embedding:NAME`` and A1111.
+"""S* as a standard textual-inversion file, readable by ComfyUI's ``embedding:NAME`` and A1111: written
+here, and read here (this pack's, diffusers' and A1111's files alike).
 
 SD1.x / SD2.x: ``{"emb_params": [k, D]}``; SDXL: ``{"clip_l": [k, 768], "clip_g": [k, 1280]}``.
 The metadata records that DreamIdentity made it, and from which encoder.
@@ -16,9 +17,12 @@ from typing import Any
 
 import torch
 
+from .errors import WeightFormatError
 from .fileio import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
+
+_WIDTH_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}  # the text encoder an unnamed embedding is for
 
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL",
                     *(f"{port}{n}" for port in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3")}
@@ -79,3 +83,80 @@ def write_embedding(path: str | os.PathLike[str], parts: dict[str, torch.Tensor]
     logger.info("wrote textual-inversion embedding %s (%s)", path,
                 ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
     return path
+
+
+# -- reading (this pack's files, diffusers learned_embeds, A1111 .pt) ---------------------------------
+
+def _key_for(t: torch.Tensor, single_key: str | None, source: str) -> str:
+    if single_key:
+        return single_key
+    width = int(t.shape[-1])
+    if width in _WIDTH_KEYS:
+        return _WIDTH_KEYS[width]
+    raise WeightFormatError(f"{source}: one embedding {width} wide; cannot tell which text encoder it is for. "
+                            "Connect the CLIP it was made for (or pass single_key='clip_l'/'clip_h').")
+
+
+def embedding_parts(raw: dict[str, Any], *, single_key: str | None = None,
+                    source: str = "embedding") -> dict[str, torch.Tensor]:
+    """A textual-inversion file's tensors -> ``{text encoder key: [k, D]}`` float32 on the CPU.
+
+    Named keys (``clip_l``/``clip_g``/``clip_h``, this pack's SDXL files) are kept; one unnamed embedding
+    (``emb_params``, A1111's ``string_to_param``, diffusers' ``{"<token>": t}``) goes to ``single_key``,
+    or, without one, to the text encoder of its width (768 clip_l, 1024 clip_h, 1280 clip_g)."""
+    if "string_to_param" in raw and isinstance(raw["string_to_param"], dict):  # A1111 .pt
+        raw = {"string_to_param." + k: v for k, v in raw["string_to_param"].items()}
+    tensors = {k: v for k, v in raw.items() if torch.is_tensor(v)}
+    named = {k: tensors[k] for k in ("clip_l", "clip_h", "clip_g") if k in tensors}
+    if named:
+        parts = named
+    elif "emb_params" in tensors:
+        parts = {_key_for(tensors["emb_params"], single_key, source): tensors["emb_params"]}
+    elif len(tensors) == 1:  # string_to_param.* or diffusers {"<tok>": t}
+        (t,) = tensors.values()
+        parts = {_key_for(t, single_key, source): t}
+    else:
+        raise WeightFormatError(f"{source}: not a textual-inversion file (keys {sorted(raw)[:8]}); expected "
+                                "emb_params, clip_l/clip_g, clip_h, string_to_param or one learned embedding")
+    out = {}
+    for k, t in parts.items():
+        t = t.detach().to("cpu", torch.float32)
+        t = t[None] if t.ndim == 1 else t.reshape(-1, t.shape[-1])
+        out[k] = t
+    ks = {t.shape[0] for t in out.values()}
+    if len(ks) != 1:
+        raise WeightFormatError(f"{source}: the text encoders' embeddings have different token counts {sorted(ks)}")
+    return out
+
+
+def read_embedding_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw tensors and metadata of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.pth`` read with
+    ``torch.load(weights_only=True)`` only (a pickle that needs more may run code: refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightFormatError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    if path.suffix in (".pt", ".bin", ".pth"):
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError and friends: refuse, never unpickle code
+            raise WeightFormatError(
+                f"{path}: refused. It cannot be read with torch.load(weights_only=True) ({type(exc).__name__}), so "
+                "it may run code when loaded. Convert it to .safetensors with a tool you trust.") from exc
+        if not isinstance(raw, dict):
+            raise WeightFormatError(f"{path}: holds a {type(raw).__name__}, expected a dict of tensors")
+        return raw, {}
+    raise WeightFormatError(f"{path}: unsupported extension {path.suffix!r}; use .safetensors (or .pt / .bin)")
+
+
+def read_embedding(path: str | os.PathLike[str], *, single_key: str | None = None) -> dict[str, torch.Tensor]:
+    """A textual-inversion file -> ``{text encoder key: [k, D]}`` (:func:`embedding_parts` of its tensors)."""
+    raw, _ = read_embedding_file(path)
+    return embedding_parts(raw, single_key=single_key, source=str(path))

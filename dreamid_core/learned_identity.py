@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .config import TEXT_ENCODER_PRESETS, check_format_version, unknown_fields
-from .embedding_io import embedding_tensors
+from .embedding_io import embedding_parts, embedding_tensors, read_embedding_file
 from .errors import WeightFormatError
 from .fileio import atomic_save_safetensors
 from .identity import IdentityEmbeds
@@ -51,7 +51,6 @@ LAYOUTS = ("words", "per_stage")
 IDENTITY_FORMAT_VERSION = 1
 META_KEY = "dreamid_identity"
 KV_INDEX = {"key": 0, "value": 1, 0: 0, 1: 1}
-_WIDTH_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 _TARGET_OF_KEYS = {tuple(sorted(k for k, _ in v)): name for name, v in TEXT_ENCODER_PRESETS.items()}
 
 
@@ -198,77 +197,16 @@ def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, 
     return path
 
 
-def _single_key(t: torch.Tensor, single_key: str | None, source: str) -> str:
-    if single_key:
-        return single_key
-    width = int(t.shape[-1])
-    if width in _WIDTH_KEYS:
-        return _WIDTH_KEYS[width]
-    raise WeightFormatError(f"{source}: one embedding {width} wide; cannot tell which text encoder it is for. "
-                            "Connect the CLIP it was made for (or pass single_key='clip_l'/'clip_h').")
-
-
-def _as_words(raw: dict[str, Any], single_key: str | None, source: str) -> dict[str, torch.Tensor]:
-    """A plain textual-inversion dict -> ``{key: [k, D]}`` float32."""
-    if "string_to_param" in raw and isinstance(raw["string_to_param"], dict):  # A1111 .pt
-        raw = {"string_to_param." + k: v for k, v in raw["string_to_param"].items()}
-    tensors = {k: v for k, v in raw.items() if torch.is_tensor(v)}
-    named = {k: tensors[k] for k in ("clip_l", "clip_h", "clip_g") if k in tensors}
-    if named:
-        parts = named
-    elif "emb_params" in tensors:
-        parts = {_single_key(tensors["emb_params"], single_key, source): tensors["emb_params"]}
-    elif len(tensors) == 1:  # string_to_param.* or diffusers {"<tok>": t}
-        (t,) = tensors.values()
-        parts = {_single_key(t, single_key, source): t}
-    else:
-        raise WeightFormatError(f"{source}: not a textual-inversion file (keys {sorted(raw)[:8]}); expected "
-                                "emb_params, clip_l/clip_g, clip_h, string_to_param or one learned embedding")
-    out = {}
-    for k, t in parts.items():
-        t = t.detach().to("cpu", torch.float32)
-        t = t[None] if t.ndim == 1 else t.reshape(-1, t.shape[-1])
-        out[k] = t
-    ks = {t.shape[0] for t in out.values()}
-    if len(ks) != 1:
-        raise WeightFormatError(f"{source}: the text encoders' embeddings have different token counts {sorted(ks)}")
-    return out
-
-
-def _read_raw(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as exc:  # safetensors raises its own error types
-            raise WeightFormatError(f"{path}: not a readable .safetensors file ({exc})") from exc
-    if path.suffix in (".pt", ".bin", ".pth"):
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError and friends: refuse, never unpickle code
-            raise WeightFormatError(
-                f"{path}: refused. It cannot be read with torch.load(weights_only=True) ({type(exc).__name__}), so "
-                "it may run code when loaded. Convert it to .safetensors with a tool you trust.") from exc
-        if not isinstance(raw, dict):
-            raise WeightFormatError(f"{path}: holds a {type(raw).__name__}, expected a dict of tensors")
-        return raw, {}
-    raise WeightFormatError(f"{path}: unsupported extension {path.suffix!r}; use .safetensors (or .pt / .bin)")
-
-
 def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | None = None) -> LearnedIdentity:
     """Read a pack identity file or a plain textual-inversion file (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"identity file {path} does not exist")
-    raw, meta = _read_raw(path)
+    raw, meta = read_embedding_file(path)
     if META_KEY in meta:
         config = IdentityConfig.from_json(meta[META_KEY], source=str(path))
-        tensors = _as_words(raw, single_key, str(path)) if config.layout == "words" else {
+        tensors = embedding_parts(raw, single_key=single_key, source=str(path)) if config.layout == "words" else {
             k: v.to(torch.float32) for k, v in raw.items()}
         return LearnedIdentity(config, tensors)
-    parts = _as_words(raw, single_key, str(path))
+    parts = embedding_parts(raw, single_key=single_key, source=str(path))
     for key, t in parts.items():
         if not torch.isfinite(t).all() or not math.isfinite(float(t.abs().max())):
             raise WeightFormatError(f"{path}: embedding {key} holds NaN or infinity")

@@ -17,8 +17,10 @@ from face_photos import HAVE_PHOTOS, PhotoGenerator, needs_photos
 from tiny_diffusers import make_tiny_arcface, make_tiny_clip_model, make_tiny_sd
 
 from dreamid_core import FacePipeline, make_detector
-from training import build_dataset
-from training.dataset_steps import (
+from training.build_dataset import cli as build_dataset
+from training.build_dataset.edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names, parse_names
+from training.build_dataset.selection import combine_scores, keep_count, select_top
+from training.build_dataset.steps import (
     MANIFEST,
     BuildConfig,
     build_manifest,
@@ -29,10 +31,8 @@ from training.dataset_steps import (
     register_names,
     score_edits,
 )
-from training.edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names, parse_names
-from training.jsonl import StepStore, read_jsonl, shard_of
-from training.metrics import ClipScorer, IdentityScorer
-from training.selection import combine_scores, keep_count, select_top
+from training.common.records import StepStore, read_jsonl, shard_of
+from training.common.scorers import ClipScorer, IdentityScorer
 
 PEOPLE = {"Ann Example": "t1-0", "Bo Example": "t1-3", "Cy Example": "tom", "Dee Example": "none",
           "Eve Example": "t1-4"}
@@ -306,14 +306,14 @@ def test_cli_with_tiny_diffusion_model(built, tmp_path, caplog):
 def test_device_auto_puts_each_shard_on_its_own_gpu(monkeypatch):
     import torch
 
-    from training.generation import resolve_device
+    from training.common.generation import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [str(resolve_device("auto", shard=i)) for i in range(8)] == [f"cuda:{i % 4}" for i in range(8)]
     assert str(resolve_device("cuda:2", shard=5)) == "cuda:2"  # an explicit device is kept
     seen = []
-    monkeypatch.setattr("training.generation.resolve_device", lambda name, shard=0: seen.append((name, shard)) or
+    monkeypatch.setattr("training.common.generation.resolve_device", lambda name, shard=0: seen.append((name, shard)) or
                         torch.device("cpu"))
     args = build_dataset.build_parser().parse_args(["filter", "--out", "x", "--shard", "6", "--num-shards", "8",
                                                     "--face-model", "missing.pt", "--clip-model", "missing"])

@@ -49,3 +49,91 @@ def test_long_names_fit_a_file_system_name():
     name = sanitize_name("名" * 300)
     assert len(name.encode()) <= MAX_NAME_BYTES and len((name + ".safetensors").encode()) < 255
     assert set(name) == {"名"}
+
+
+# -- reading: the one reader of textual-inversion files, beside the writer ------------------------------
+
+def _write_formats(tmp_path, vec):
+    """The same [k, D] vectors as this pack's file, diffusers learned_embeds (.safetensors / .bin) and A1111 .pt."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dreamid_core.embedding_io import write_embedding
+
+    files = {"pack": write_embedding(tmp_path / "pack.safetensors", {"clip_h": vec})}
+    save_file({"<tom>": vec.clone()}, str(tmp_path / "learned_embeds.safetensors"))
+    files["diffusers"] = tmp_path / "learned_embeds.safetensors"
+    torch.save({"<tom>": vec}, tmp_path / "learned_embeds.bin")
+    files["diffusers_bin"] = tmp_path / "learned_embeds.bin"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vec}, "name": "tom"},
+               tmp_path / "tom.pt")
+    files["a1111"] = tmp_path / "tom.pt"
+    return files
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_every_format_reads_back_what_was_written(tmp_path, k):
+    import torch
+
+    from dreamid_core.embedding_io import read_embedding
+
+    vec = torch.randn(k, 1024, generator=torch.Generator().manual_seed(k))
+    for kind, path in _write_formats(tmp_path, vec).items():
+        parts = read_embedding(path)  # 1024 wide, unnamed: SD2's clip_h by its width
+        assert set(parts) == {"clip_h"}, kind
+        assert torch.equal(parts["clip_h"], vec), kind
+        assert torch.equal(read_embedding(path, single_key="clip_l")["clip_l"], vec), kind  # the caller names it
+
+
+def test_sdxl_files_keep_both_encoders(tmp_path):
+    import torch
+
+    from dreamid_core.embedding_io import read_embedding, write_embedding
+
+    parts = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
+    back = read_embedding(write_embedding(tmp_path / "xl", parts))
+    assert set(back) == {"clip_l", "clip_g"} and all(torch.equal(back[k], parts[k]) for k in parts)
+
+
+def test_the_nodes_and_the_evaluation_read_a_file_alike(tmp_path):
+    """LoadIdentity (dreamid_core.learned_identity) and the evaluation's baseline read the same vectors."""
+    import torch
+
+    pytest.importorskip("transformers")
+    from dreamid_core.learned_identity import load_learned_identity
+    from training.evaluate.identity_sources import EmbeddingIdentity
+
+    vec = torch.randn(3, 1024, generator=torch.Generator().manual_seed(0))
+    for kind, path in _write_formats(tmp_path, vec).items():
+        node = load_learned_identity(path).tensors["clip_h"]
+        evaluation = EmbeddingIdentity(path, "sd2", {"clip_h": 1024}).parts(None)["clip_h"]
+        assert torch.equal(node, evaluation) and torch.equal(node, vec), kind
+
+
+def test_unreadable_files_name_the_file_and_the_fix(tmp_path):
+    import torch
+
+    from dreamid_core import WeightFormatError
+    from dreamid_core.embedding_io import read_embedding
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"string_to_param": {"*": RunsCode()}}, tmp_path / "evil.pt")
+    with pytest.raises(WeightFormatError, match=r"evil\.pt.*weights_only=True.*safetensors"):
+        read_embedding(tmp_path / "evil.pt")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(WeightFormatError, match=r"cut\.safetensors.*not a readable"):
+        read_embedding(tmp_path / "cut.safetensors")
+    (tmp_path / "odd.gguf").write_bytes(b"x")
+    with pytest.raises(WeightFormatError, match=r"odd\.gguf.*\.safetensors"):
+        read_embedding(tmp_path / "odd.gguf")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        read_embedding(tmp_path / "missing.safetensors")
+    torch.save({"a": torch.zeros(2, 1000), "b": torch.zeros(2, 1000)}, tmp_path / "two.bin")
+    with pytest.raises(WeightFormatError, match=r"two\.bin.*not a textual-inversion file"):
+        read_embedding(tmp_path / "two.bin")
+    torch.save({"<x>": torch.zeros(2, 999)}, tmp_path / "narrow.bin")
+    with pytest.raises(WeightFormatError, match=r"999 wide"):
+        read_embedding(tmp_path / "narrow.bin")

@@ -27,8 +27,8 @@ from dreamid_core import (
     save_encoder,
 )
 from dreamid_core.embedding_io import write_embedding
-from training import evaluate as ev
-from training.metrics import ClipScorer, IdentityScorer
+from training.common.scorers import ClipScorer, IdentityScorer
+from training.evaluate import cli as ev
 
 PROMPTS = "a photo of S*\n# a comment\nS* as a chef, looking at the camera\n"
 

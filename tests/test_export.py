@@ -10,9 +10,9 @@ import torch
 from training_fixtures import make_setup, one_thread  # noqa: F401
 
 from dreamid_core import load_encoder, read_encoder_config
-from training.data import load_crop, load_edit_manifest
 from training.export import export, main
 from training.train import RunFlags, train
+from training.train.data import load_crop, load_edit_manifest
 
 pytest.importorskip("accelerate")
 

@@ -38,15 +38,15 @@ from dreamid_core.learned_identity import (
     load_learned_identity,
     save_learned_identity,
 )
-from training import evaluate as ev
-from training import evaluate_identities as evi
-from training.generation import DiffusersGenerator
+from training.common.base_model import load_base_model
+from training.common.generation import DiffusersGenerator
+from training.evaluate import cli as ev
+from training.evaluate import compare as evi
 from training.learn_identity import cli
 from training.learn_identity.data import detect_faces, encode_photos
 from training.learn_identity.init import as_layout, from_encoder, from_word
 from training.learn_identity.loop import IdentityLearner, RunOptions
 from training.learn_identity.sampling import IdentityGenerator
-from training.models import load_base_model
 
 pytestmark = [pytest.mark.skipif(not HAVE_PHOTOS, reason="needs the insightface sample photos and facenet-pytorch"),
               pytest.mark.usefixtures("one_thread")]

@@ -12,7 +12,7 @@ from face_photos import face_photo, needs_photos
 from tiny_diffusers import make_tiny_arcface, make_tiny_clip_model
 
 from dreamid_core import FacePipeline, ModelFilesError, WeightFormatError, make_detector
-from training.metrics import ClipScorer, IdentityScorer, cosine
+from training.common.scorers import ClipScorer, IdentityScorer, cosine
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,16 @@ from PIL import Image
 from safetensors.torch import load_file
 from training_fixtures import insightface_images, make_setup, one_thread, subprocess_env  # noqa: F401
 
-from training.checkpoint import CheckpointManager, is_complete
-from training.config import ConfigError, ExperimentConfig
-from training.data import TrainingData, collate, load_edit_manifest, write_report
-from training.latents import LatentCache
-from training.recon import prepare_recon
-from training.sampler import MixSampler
-from training.setup import build_encoder, load_base
-from training.step import diffusion_loss, step_generator
+from training.common.diffusion import step_generator
+from training.common.latents import LatentCache
 from training.train import RunFlags, TrainingDivergedError, train
+from training.train.checkpoint import CheckpointManager, is_complete
+from training.train.config import ConfigError, ExperimentConfig
+from training.train.data import TrainingData, collate, load_edit_manifest, write_report
+from training.train.loss import diffusion_loss
+from training.train.prepare import build_encoder, load_base
+from training.train.recon import prepare_recon
+from training.train.sampler import MixSampler
 
 pytest.importorskip("accelerate")
 
@@ -103,7 +104,7 @@ def test_only_the_mlps_and_norms_get_gradients(cfg):
     base = load_base(cfg, "cpu")
     encoder = build_encoder(cfg, base)
     data_items, _ = load_edit_manifest(cfg.edit_manifest)
-    from training.data import load_crop
+    from training.train.data import load_crop
 
     crops = torch.stack([load_crop(it.crop, 112) for it in data_items[:2]])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -125,7 +126,7 @@ def test_only_the_mlps_and_norms_get_gradients(cfg):
 
 
 def test_backbone_lr_trains_the_backbone_in_its_own_group(cfg):
-    from training.setup import build_optimizer
+    from training.train.prepare import build_optimizer
 
     base = load_base(cfg, "cpu")
     encoder = build_encoder(cfg.replace(backbone_lr=1e-6), base)
@@ -173,7 +174,7 @@ def test_sigkilled_run_resumes_bit_for_bit(cfg, reference, tmp_path):
 
 
 def test_interrupted_checkpoint_write_never_becomes_latest(cfg, reference, tmp_path, monkeypatch):
-    import training.checkpoint as ckpt_mod
+    import training.train.checkpoint as ckpt_mod
 
     run = tmp_path / "run"
     real_save = torch.save
@@ -266,7 +267,7 @@ def test_skip_step_drops_the_batch_and_keeps_the_schedule(cfg, reference, tmp_pa
 def test_latents_are_checked_for_finite_values_when_written_and_read(cfg, tmp_path, caplog):
     from safetensors.torch import save_file
 
-    from training.latents import NonFiniteLatentError
+    from training.common.latents import NonFiniteLatentError
 
     cache = LatentCache("disk", resolution=32, vae_id="v", folder=tmp_path / "lat")
     bad = torch.zeros(4, 4, 4)
@@ -277,7 +278,7 @@ def test_latents_are_checked_for_finite_values_when_written_and_read(cfg, tmp_pa
     path = cache._path("k2")
     path.parent.mkdir(parents=True)
     save_file({"latent": bad}, str(path))  # a damaged entry on disk
-    with caplog.at_level("WARNING", logger="training.latents"):
+    with caplog.at_level("WARNING", logger="training.common.latents"):
         assert cache.load_disk("k2") is None
     assert "NaN/inf" in caplog.text
 
@@ -403,7 +404,7 @@ def test_config_round_trips_and_names_bad_values(cfg, tmp_path):
 
 def test_shipped_paper_config_is_valid():
     """training/configs/sd21_base_paper.json parses and keeps the paper's recipe."""
-    from training.config import ExperimentConfig
+    from training.train.config import ExperimentConfig
 
     cfg = ExperimentConfig.load(Path(__file__).resolve().parents[1] / "training" / "configs" / "sd21_base_paper.json")
     assert (cfg.lr, cfg.reg_weight, cfg.num_tokens, cfg.max_steps) == (5e-5, 1e-4, 2, 60_000)
@@ -413,9 +414,9 @@ def test_shipped_paper_config_is_valid():
 
 def _shipped_prompts() -> dict[str, str]:
     """Every prompt the shipped recipe can put through a tokenizer with the trigger: label -> prompt."""
-    from training.config import DEFAULT_TEMPLATES
-    from training.edit_prompts import EDIT_TEMPLATES, training_prompt
+    from training.build_dataset.edit_prompts import EDIT_TEMPLATES, training_prompt
     from training.evaluate import load_prompts
+    from training.train.config import DEFAULT_TEMPLATES
 
     prompts = {f"config.DEFAULT_TEMPLATES[{i}]": t for i, t in enumerate(DEFAULT_TEMPLATES)}
     for path in sorted((REPO / "training" / "configs").glob("*.json")):
@@ -439,7 +440,7 @@ def _family_tokenizers(family: str):
 def test_every_shipped_prompt_tokenizes_with_the_trigger(family):
     from tiny_diffusers import bpe_vocab_path
 
-    from training.text import tokenize_with_trigger
+    from training.common.prompt_encoding import tokenize_with_trigger
 
     if bpe_vocab_path() is None:
         pytest.skip("needs the CLIP BPE vocabulary of the open-clip-torch wheel")
@@ -501,7 +502,7 @@ def rewrite_training_state(ckpt_dir: Path, **changes) -> None:
 def test_resume_with_another_global_batch_is_refused_with_the_right_command(cfg, reference, tmp_path):
     import shutil
 
-    from training.launch import BatchChangeError
+    from training.train.launch import BatchChangeError
 
     run = shutil.copytree(reference.output_dir, tmp_path / "run")
     state = torch.load(run / "checkpoint-20" / "training_state.pt", weights_only=True)
@@ -536,7 +537,7 @@ def test_allow_batch_change_resumes_with_the_new_batch(cfg, reference, tmp_path)
 
 
 def test_launch_checks_name_the_working_command():
-    from training.launch import LaunchError, check_launch, launch_command
+    from training.train.launch import LaunchError, check_launch, launch_command
 
     assert launch_command(1, {}) == "python -m training.train"
     assert launch_command(8, {"ACCELERATE_MIXED_PRECISION": "bf16", "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8"}) \
@@ -559,10 +560,10 @@ def test_launch_checks_name_the_working_command():
 def test_a_second_trainer_on_the_same_folder_is_refused_naming_the_first(cfg, tmp_path):
     import socket
 
-    from training.locking import RunFolderBusyError
+    from training.common.locking import RunFolderBusyError
 
     run = tmp_path / "run"
-    code = ("import sys, time\nfrom training.locking import RunLock\nlock = RunLock(sys.argv[1]).__enter__()\n"
+    code = ("import sys, time\nfrom training.common.locking import RunLock\nlock = RunLock(sys.argv[1]).__enter__()\n"
             "print('locked', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=REPO, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -602,8 +603,8 @@ class CountingDetector:
 
 
 def test_recon_alignment_shards_resume_and_report(tmp_path):
-    from training.jsonl import StepStore, shard_of
-    from training.recon import ReconNotAlignedError, align_recon, collect_recon
+    from training.common.records import StepStore, shard_of
+    from training.train.recon import ReconNotAlignedError, align_recon, collect_recon
 
     photos = recon_photos(tmp_path / "photos")
     (photos / "corrupt.jpg").write_bytes((insightface_images() / "t1.jpg").read_bytes()[:600])
@@ -636,7 +637,7 @@ def test_recon_alignment_shards_resume_and_report(tmp_path):
 
 
 def test_stop_after_step_zero_prepares_only(setup_root, tmp_path, monkeypatch):
-    import training.recon as recon
+    import training.train.recon as recon
 
     photos = recon_photos(setup_root / "recon")
     cfg = make_setup(setup_root, recon_dir=str(photos), recon_fraction=0.5, min_face_size=32, max_steps=2,
@@ -661,7 +662,8 @@ def test_stop_after_step_zero_prepares_only(setup_root, tmp_path, monkeypatch):
 def test_process_group_timeout_is_explicit():
     from datetime import timedelta
 
-    from training.train import build_parser, process_group_kwargs
+    from training.train.cli import build_parser
+    from training.train.run import process_group_kwargs
 
     args = build_parser().parse_args(["--output-dir", "x", "--process-group-timeout", "240"])
     assert process_group_kwargs(flags(Path("x"), process_group_timeout_min=args.process_group_timeout)).timeout \
@@ -737,7 +739,7 @@ def test_torchrun_without_the_cpu_flag_is_stopped(cfg, tmp_path):
                                                 ("FluxPipeline", "transformer")])
 def test_an_unsupported_model_family_is_named_with_the_supported_ones(tmp_path, pipeline, component):
     from dreamid_core import ModelFilesError
-    from training.models import load_base_model
+    from training.common.base_model import load_base_model
 
     folder = tmp_path / "model"
     (folder / component).mkdir(parents=True)
@@ -762,7 +764,7 @@ def test_resolution_defaults_to_the_family_native_size(setup_root, tmp_path):
 def test_shipped_configs_for_each_family():
     configs = {p.name: ExperimentConfig.load(p) for p in sorted((REPO / "training" / "configs").glob("*.json"))}
     assert set(configs) >= {"sd15_paper.json", "sd21_base_paper.json", "sdxl_base_paper.json"}
-    from training.launch import global_batch
+    from training.train.launch import global_batch
 
     for name, shipped in configs.items():
         assert (shipped.lr, shipped.reg_weight, shipped.num_tokens) == (5e-5, 1e-4, 2), name
@@ -776,8 +778,8 @@ def test_shipped_configs_for_each_family():
 def test_two_process_run_shards_the_alignment_and_its_resume_keeps_the_batch(setup_root, tmp_path):
     """ACCELERATE_USE_CPU=1 torchrun with 2 processes (gloo): each rank aligns its shard of the recon folder,
     the checkpoint records 2 processes and their launcher, and a 1-process resume is refused with it."""
-    from training.jsonl import read_jsonl, shard_of
-    from training.launch import BatchChangeError
+    from training.common.records import read_jsonl, shard_of
+    from training.train.launch import BatchChangeError
 
     photos = recon_photos(tmp_path / "photos")
     Image.open(photos / "tom_flipped.png").rotate(5).save(photos / "tom_b.png")

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tiny_diffusers import make_tiny_arcface, make_tiny_sd
 
-from training.config import ExperimentConfig
+from training.train.config import ExperimentConfig
 
 
 def insightface_images() -> Path:

@@ -21,8 +21,8 @@ from typing import Any
 from dreamid_core import load_encoder, read_encoder_config, save_encoder
 from dreamid_core.cli_runner import run_main
 
-from .checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
-from .config import ConfigError, ExperimentConfig
+from .train.checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
+from .train.config import ConfigError, ExperimentConfig
 
 logger = logging.getLogger("training.export")
 

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
-    from ..generation import resolve_dtype
+    from ..common.generation import resolve_dtype
 
     if name == "auto":
         if device.type != "cuda":
@@ -86,7 +86,7 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(args: argparse.Namespace, device: torch.device) -> Any:
-    from ..models import load_base_model
+    from ..common.base_model import load_base_model
 
     dtype = _dtype(args.dtype, device)
     base = load_base_model(args.base_model, family=args.family, config=args.base_config)
@@ -97,7 +97,7 @@ def load_base(args: argparse.Namespace, device: torch.device) -> Any:
 
 
 def run(args: argparse.Namespace) -> LearnResult:
-    from ..generation import resolve_device
+    from ..common.generation import resolve_device
 
     device = resolve_device(args.device)
     out = args.out if args.out.suffix == ".safetensors" else args.out.with_name(args.out.name + ".safetensors")

@@ -3,7 +3,7 @@
 Each photo goes through the core face pipeline (the largest face; no face -> FaceNotFoundError
 naming the photo). It is cut to the largest square that holds the face (centred on it where the
 photo allows), resized to the training resolution with antialiasing, and encoded by the VAE once:
-``vae.encode(x).latent_dist.mode() * scaling_factor`` (float32, :func:`training.latents.encode_latents`).
+``vae.encode(x).latent_dist.mode() * scaling_factor`` (float32, :func:`training.common.latents.encode_latents`).
 The face box and the five landmarks go through the same crop and resize, then onto the latent grid.
 
 Every step, each sample gets the core's augmentation (:func:`dreamid_core.face_mask.random_crop`):
@@ -28,7 +28,7 @@ from dreamid_core import FaceNotFoundError, FacePipeline, ImageInputError
 from dreamid_core.face_mask import Crop, face_mask, random_crop, scale_crop
 from dreamid_core.images import load_image
 
-from ..latents import encode_latents
+from ..common.latents import encode_latents
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Learned identities as an evaluation identity source (:mod:`training.eval_identity`'s protocol:
+"""Learned identities as an evaluation identity source (:mod:`training.evaluate.identity_sources`'s protocol:
 ``parts(crop)``, ``k``, ``fixed``), for ``python -m training.evaluate --identity`` and
 ``python -m training.evaluate_identities``: one file for every test face, or a folder with one file per
 face (``<face file stem>.safetensors``). Either layout; plain textual-inversion files load as ``words``.

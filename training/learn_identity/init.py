@@ -17,7 +17,7 @@ from dreamid_core import IncompatibleEncoderError, TriggerNotFoundError, load_en
 from dreamid_core.identity import encode_identity
 from dreamid_core.learned_identity import load_learned_identity
 
-from ..text import PART_FOR_ENCODER
+from ..common.prompt_encoding import PART_FOR_ENCODER
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from dreamid_core.attention_loss import face_attention_loss, face_mass, resize_m
 from dreamid_core.learned_identity import IdentityConfig, LearnedIdentity
 from dreamid_core.stages import stage_for_timestep
 
-from ..step import base_vae_factor, diffusion_target, sdxl_time_ids, step_generator
-from ..text import PART_FOR_ENCODER, encode_prompts
+from ..common.diffusion import base_vae_factor, diffusion_target, sdxl_time_ids, step_generator
+from ..common.prompt_encoding import PART_FOR_ENCODER, encode_prompts
 from .attention import install
 from .data import PhotoLatents
 from .prompts import TEMPLATES, check_templates, template_tokens
@@ -96,7 +96,7 @@ def check_config(cfg: IdentityConfig, opts: RunOptions) -> None:
 
 
 class IdentityLearner:
-    """Learns one identity on a frozen :class:`training.models.BaseModel` (see the module docstring)."""
+    """Learns one identity on a frozen :class:`training.common.base_model.BaseModel` (see the module docstring)."""
 
     def __init__(self, base: Any, photos: PhotoLatents, cfg: IdentityConfig, init: dict[str, torch.Tensor],
                  opts: RunOptions | None = None, *, device: torch.device | str = "cpu") -> None:

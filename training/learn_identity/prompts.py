@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..text import tokenize_with_trigger
+from ..common.prompt_encoding import tokenize_with_trigger
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..generation import DiffusersGenerator
-from ..text import encode_prompts
+from ..common.generation import DiffusersGenerator
+from ..common.prompt_encoding import encode_prompts
 from .attention import install
 
 

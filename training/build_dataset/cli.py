@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,10 @@ from dreamid_core import FacePipeline, ImageInputError, detector_names, make_det
 from dreamid_core.cli_runner import run_main
 from dreamid_core.images import load_image
 
-from .dataset_steps import (
+from ..common.records import StepStore
+from .edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names
+from .selection import COMBINE_METHODS
+from .steps import (
     MANIFEST,
     BuildConfig,
     StepSummary,
@@ -46,9 +48,6 @@ from .dataset_steps import (
     register_names,
     score_edits,
 )
-from .edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names
-from .jsonl import StepStore
-from .selection import COMBINE_METHODS
 
 logger = logging.getLogger("training.build_dataset")
 
@@ -196,8 +195,8 @@ def _require(args: argparse.Namespace, flag: str, step: str) -> Any:
 
 
 def make_generator(args: argparse.Namespace) -> Any:
-    from .generation import DiffusersGenerator, resolve_device, resolve_dtype
-    from .models import load_base_model
+    from ..common.base_model import load_base_model
+    from ..common.generation import DiffusersGenerator, resolve_device, resolve_dtype
 
     device = resolve_device(args.device, shard=args.shard)
     dtype = resolve_dtype(args.dtype, device)
@@ -208,7 +207,7 @@ def make_generator(args: argparse.Namespace) -> Any:
 
 
 def make_face_pipeline(args: argparse.Namespace) -> FacePipeline:
-    from .generation import resolve_device
+    from ..common.generation import resolve_device
 
     device = str(resolve_device(args.device, shard=args.shard))
     detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider, device=device)
@@ -216,8 +215,8 @@ def make_face_pipeline(args: argparse.Namespace) -> FacePipeline:
 
 
 def make_scorers(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .generation import resolve_device
-    from .metrics import ClipScorer, IdentityScorer
+    from ..common.generation import resolve_device
+    from ..common.scorers import ClipScorer, IdentityScorer
 
     device = resolve_device(args.device, shard=args.shard)
     identity = IdentityScorer(_require(args, "--face-model", "filter"), device=device, provider=args.provider)
@@ -295,6 +294,3 @@ def run(args: argparse.Namespace) -> StepSummary | dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     return run_main(run, build_parser().parse_args(argv))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

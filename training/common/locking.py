@@ -2,7 +2,7 @@
 
 A lock belongs to an open file: it is released when the holder closes the file or dies (also by
 SIGKILL), so a crashed run never leaves a stale lock behind. Used by the dataset builder's shard
-part files (:mod:`training.jsonl`) and by the trainer's run folder (:class:`RunLock`). On Windows
+part files (:mod:`training.common.records`) and by the trainer's run folder (:class:`RunLock`). On Windows
 (no ``fcntl``) nothing is locked.
 """
 

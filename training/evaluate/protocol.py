@@ -1,9 +1,9 @@
-"""``python -m training.evaluate``: the DreamIdentity paper's evaluation protocol.
+"""The DreamIdentity paper's evaluation protocol (``python -m training.evaluate``, :mod:`.cli`).
 
 Every test face (one photo per identity in ``--faces``, the largest face detected and aligned by
 the core pipeline) × every prompt of ``--prompts`` (each contains the trigger S*) × 4 images
 (``--images-per-prompt``), DDIM 30 steps, CFG 7.5, each image seeded from ``--seed``, the face and
-the prompt. S* comes from the encoder and is injected with :func:`training.text.encode_prompts`.
+the prompt. S* comes from the encoder and is injected with :func:`training.common.prompt_encoding.encode_prompts`.
 
 - text-alignment: raw CLIP cosine of the image and the prompt with the trigger replaced by a
   neutral phrase (``--neutral``, default "a person"): "S* as a chef" is scored as
@@ -12,7 +12,7 @@ the prompt. S* comes from the encoder and is injected with :func:`training.text.
   outputs without a face are reported as the no-face rate, not counted as 0.
 
 ``--embedding FILE`` evaluates a plain textual-inversion file (this pack's ``.safetensors``, diffusers
-``learned_embeds``, A1111 ``.pt``; :mod:`training.eval_identity`) on the same protocol, for baselines. It is
+``learned_embeds``, A1111 ``.pt``; :mod:`training.evaluate.identity_sources`) on the same protocol, for baselines. It is
 one fixed identity, so the SAME S* is used for every test face (face similarity then measures how close each test face
 is to that one identity: meaningful with a single test face, the one the embedding was made from).
 
@@ -23,16 +23,14 @@ done writes ``summary.md``, ``summary.csv`` (per prompt and overall), ``images.c
 the grid pages (``grid.png``, ``grid-002.png``, ...: every row, ``--grid-rows`` a page); the images
 are under ``images/``.
 
-Where things plug in: S* comes from an identity source (:func:`identity_source`,
-:mod:`training.eval_identity`); one (face, prompt) unit is :func:`_run_unit`; the tables are
+Where things plug in: S* comes from an identity source (:func:`training.evaluate.cli.identity_source`,
+:mod:`training.evaluate.identity_sources`); one (face, prompt) unit is :func:`_run_unit`; the tables are
 :func:`write_summary`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,34 +42,28 @@ from dreamid_core import (
     FaceNotFoundError,
     FacePipeline,
     ImageInputError,
-    detector_names,
-    load_encoder,
-    make_detector,
 )
-from dreamid_core.cli_runner import run_main
 from dreamid_core.fileio import atomic_write
-from dreamid_core.images import load_image
+from dreamid_core.images import crop_to_uint8, load_image
 
-from .eval_identity import EmbeddingIdentity, EncoderIdentity
-from .eval_report import (
+from ..common.generation import item_seed
+from ..common.records import StepStore, check_shard
+from .grid import image_grid
+from .report import (
     ImageResult,
     markdown_table,
     summarize,
     write_image_csv,
     write_summary_csv,
 )
-from .generation import item_seed
-from .grid import image_grid
-from .jsonl import StepStore, check_shard
 
 logger = logging.getLogger("training.evaluate")
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-EXAMPLE_PROMPTS = Path(__file__).resolve().parent / "data" / "eval_prompts_example.txt"
+EXAMPLE_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "eval_prompts_example.txt"
 SETTINGS_FILE = "eval_settings.json"
 
-__all__ = ["EmbeddingIdentity", "EncoderIdentity", "EvalConfig", "evaluate", "identity_source", "load_encoder",
-           "load_prompts", "load_test_faces", "main", "run"]
+__all__ = ["EvalConfig", "evaluate", "load_prompts", "load_test_faces"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +134,7 @@ def evaluate(cfg: EvalConfig, *, faces: dict[str, torch.Tensor], prompts: list[s
              header: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run this shard's (face, prompt) units that are not done yet, then, once every unit of every shard
     is recorded, write the summary. ``generator.batch(prompts, seeds, parts=, k=)`` draws the images
-    (:class:`training.generation.DiffusersGenerator`). Returns ``{"rows", "results", "encode_ms",
+    (:class:`training.common.generation.DiffusersGenerator`). Returns ``{"rows", "results", "encode_ms",
     "pending"}``; ``rows`` is None while other shards' units are pending."""
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -268,7 +260,7 @@ def write_grids(cfg: EvalConfig, out: Path, results: list[ImageResult], faces: d
         rows, labels = [], []
         for (face_name, _), rs in units[start:start + cfg.grid_rows]:
             crop = faces[face_name]
-            face_img = Image.fromarray((crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+            face_img = Image.fromarray(crop_to_uint8(crop))
             rows.append([face_img, *(Image.open(out / r.image) for r in rs)])
             labels.append(f"{face_name}: {rs[0].prompt}")
         page = out / ("grid.png" if not pages else f"grid-{len(pages) + 1:03d}.png")
@@ -282,113 +274,3 @@ def _rgb(image: Any) -> Any:
     import numpy as np
 
     return np.array(image.convert("RGB"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
-    p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors")
-    who.add_argument("--identity", type=Path, help="a learned identity of either layout (python -m "
-                     "training.learn_identity), one for every face; several methods or one per face: "
-                     "python -m training.evaluate_identities")
-    who.add_argument("--embedding", type=Path, help="textual-inversion file (one fixed identity, a baseline): this "
-                                                    "pack's .safetensors, diffusers learned_embeds (.safetensors/.bin) "
-                                                    "or A1111 .pt (read with weights_only=True)")
-    p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
-    p.add_argument("--faces", type=Path, required=True, help="folder of test photos, one identity per photo")
-    p.add_argument("--prompts", type=Path, default=EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--face-model", type=Path, required=True,
-                   help="arcface_torch ViT .pt/.safetensors or insightface glintr100.onnx / w600k_r50.onnx")
-    p.add_argument("--clip-model", type=Path, required=True, help="transformers CLIPModel folder (ViT-B/32 in the "
-                                                                  "literature)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trigger", default="S*")
-    p.add_argument("--neutral", default="a person", help="replaces the trigger in the text CLIP scores")
-    p.add_argument("--scale", type=float, default=1.0, help="S* strength (encoder only)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page (grid.png, grid-002.png, ...)")
-    p.add_argument("--shard", type=int, default=0, help="this process's shard of the (face, prompt) units")
-    p.add_argument("--num-shards", type=int, default=1, help="processes sharing the evaluation (e.g. one per GPU; "
-                                                             "the last to finish writes the summary)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--detector", default="mtcnn", choices=detector_names())
-    p.add_argument("--insightface-root", type=Path)
-    p.add_argument("--provider", default="auto")
-    p.add_argument("--detect-retry", action=argparse.BooleanOptionalAction, default=True,
-                   help="retry images without a face at other sizes and padded")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .generation import resolve_device, resolve_dtype
-    from .learn_identity.sampling import IdentityGenerator
-    from .metrics import ClipScorer, IdentityScorer
-    from .models import load_base_model
-
-    cfg = EvalConfig(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, trigger=args.trigger,
-                     neutral=args.neutral, scale=args.scale, grid_rows=args.grid_rows, shard=args.shard,
-                     num_shards=args.num_shards)
-    device = resolve_device(args.device, shard=args.shard)
-    prompts = load_prompts(args.prompts, args.trigger)
-    identity = IdentityScorer(args.face_model, device=device, provider=args.provider).load()
-    clip = ClipScorer(args.clip_model, device=device).load()
-    pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
-                                          provider=args.provider, device=str(device)), retry=args.detect_retry)
-    faces, skipped = load_test_faces(args.faces, pipeline)
-    base = load_base_model(args.base_model, family=args.family, config=args.base_config,
-                           dtype=resolve_dtype(args.dtype, device)).to(device)
-    source, what = identity_source(args, base, device)
-    generator = IdentityGenerator(base, num_stages=getattr(source, "num_stages", 1),  # per-stage: same processor
-                                  stage_kind=getattr(source, "stage_kind", "time"), steps=args.steps,
-                                  guidance=args.guidance, height=args.height, width=args.width,
-                                  negative_prompt=args.negative_prompt, trigger=args.trigger, device=device)
-    header = {"S* from": what, "S* file sha256": file_sha256(Path(what)), "base model": str(args.base_model),
-              "sampler": f"DDIM {args.steps} steps, CFG {args.guidance}", "seed": args.seed,
-              "face model": str(args.face_model), "CLIP model": str(args.clip_model)}
-    if skipped:
-        header["test photos skipped (no face / unreadable)"] = ", ".join(skipped)
-    return evaluate(cfg, faces=faces, prompts=prompts, identity_source=source, generator=generator, pipeline=pipeline,
-                    identity=identity, clip=clip, header=header)
-
-
-def file_sha256(path: Path) -> str:
-    """First 16 hex digits: a re-exported encoder at the same path is a new evaluation, not a resumed one."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -> tuple[Any, str]:
-    """The S* provider the command line asks for (see :mod:`training.eval_identity`), and its label."""
-    if args.encoder is not None:
-        encoder = load_encoder(args.encoder, backbone_path=args.backbone, device=device)
-        return EncoderIdentity(encoder, base.widths, args.scale), str(args.encoder)
-    if getattr(args, "identity", None) is not None:
-        from .learn_identity.evaluation import LearnedIdentitySource
-
-        return LearnedIdentitySource(args.identity, base.widths), str(args.identity)
-    return EmbeddingIdentity(args.embedding, base.family, base.widths), str(args.embedding)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main(run, build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,7 +66,7 @@ class LatentCache:
         return hashlib.sha1(f"{image_id}|{self.resolution}|{self.vae_id}".encode()).hexdigest()
 
     def item_key(self, item) -> str:
-        """The key of a :class:`~training.data.FaceItem`'s target image."""
+        """The key of a :class:`~training.train.data.FaceItem`'s target image."""
         return self.key(item.image_id)
 
     def __getstate__(self) -> dict:  # DataLoader workers (spawn) get the settings, not the memory cache

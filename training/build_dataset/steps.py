@@ -11,7 +11,7 @@ Layout under the dataset folder ``out`` (every path stored in a record is relati
     manifest.jsonl           every edit with its scores and "kept" (what the trainer reads)
     manifest_summary.json    per-template counts, the selection settings, corrupt files
 
-Each step owns the items whose key hashes to its shard (:func:`training.jsonl.shard_of`), skips
+Each step owns the items whose key hashes to its shard (:func:`training.common.records.shard_of`), skips
 keys already recorded by any part file, writes an item's files first and its record last. The
 image generator, the face pipeline and the scorers are passed in, so tests can swap them.
 """
@@ -31,11 +31,11 @@ import torch
 
 from dreamid_core import FaceNotFoundError, ImageInputError
 from dreamid_core.fileio import atomic_write
-from dreamid_core.images import load_image, to_tensor
+from dreamid_core.images import crop_to_uint8, load_image, to_tensor
 
+from ..common.generation import generate_many, item_seed
+from ..common.records import StepStore, check_shard, shard_of, write_jsonl_atomic
 from .edit_prompts import SOURCE_TEMPLATE, Name, fill, select_templates, training_prompt
-from .generation import generate_many, item_seed
-from .jsonl import StepStore, check_shard, shard_of, write_jsonl_atomic
 from .selection import COMBINE_METHODS, keep_count, select_top
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class BuildConfig:
     edits_per_prompt: int = 1  # edited images per (source, template)
     batch_size: int = 4  # images per generator / scorer call
     keep_fraction: float = 0.25  # top share kept per template (paper: 25 %)
-    combine: str = "rank"  # "rank" or "zscore", see training.selection
+    combine: str = "rank"  # "rank" or "zscore", see training.build_dataset.selection
     id_weight: float = 0.5  # identity score's share of the combined score
     progress: bool = False  # a tqdm bar over this shard's items in each step
 
@@ -111,8 +111,7 @@ def save_png(image: Any, path: Path) -> None:
 def crop_to_pil(crop: torch.Tensor) -> Any:
     from PIL import Image
 
-    arr = (crop.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [S, S, 3]
-    return Image.fromarray(arr)
+    return Image.fromarray(crop_to_uint8(crop))
 
 
 def _todo(store: StepStore, keys: Sequence[str], cfg: BuildConfig, step: str) -> tuple[list[str], StepSummary]:
@@ -365,7 +364,7 @@ def _write_if_changed(path: Path, items: list[dict[str, Any]]) -> None:
 def read_manifest(path: str | Path, *, kept_only: bool = True) -> list[dict[str, Any]]:
     """The manifest's records with ``image``/``source_crop``/``source_image`` made absolute (they are
     stored relative to the manifest's folder, so a dataset folder can be moved)."""
-    from .jsonl import read_jsonl
+    from ..common.records import read_jsonl
 
     path = Path(path)
     if not path.is_file():

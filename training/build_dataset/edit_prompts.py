@@ -32,7 +32,7 @@ EDIT_TEMPLATES: dict[str, str] = {
 }
 
 #: the shipped example list (placeholders; bring your own list of ~1000 names for real training)
-EXAMPLE_NAMES = Path(__file__).resolve().parent / "data" / "names_example.txt"
+EXAMPLE_NAMES = Path(__file__).resolve().parents[1] / "data" / "names_example.txt"
 
 MAX_NAME_CHARS = 80
 _FORBIDDEN = re.compile(r"[{}\n\r\t*]")

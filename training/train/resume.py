@@ -1,5 +1,5 @@
 """Continuing a run: what may change between a checkpoint and its resumption, what a checkpoint
-saves (beyond the files of :mod:`training.checkpoint`) and how a run is put back where it was.
+saves (beyond the files of :mod:`training.train.checkpoint`) and how a run is put back where it was.
 
 - :data:`RESUMABLE_CHANGES` and :func:`check_resumable`: the experiment must stay the same; run
   mechanics (max_steps, checkpointing, the lr and clipping a divergence asks to change, a batch layout
@@ -24,7 +24,7 @@ from .launch import global_batch, launch_command
 logger = logging.getLogger("training.train")
 
 #: config fields that may change between a checkpoint and its resumption (batch_size and
-#: gradient_accumulation_steps only while the global batch stays the same, see training.launch)
+#: gradient_accumulation_steps only while the global batch stays the same, see training.train.launch)
 RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "extra", "batch_size",
                      "gradient_accumulation_steps", *RUN_MECHANICS)
 
@@ -57,7 +57,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     torn last line (disk full, power loss) or any other unreadable line (logged)."""
     from dreamid_core.fileio import atomic_write
 
-    from .jsonl import read_jsonl
+    from ..common.records import read_jsonl
 
     if path.is_file():
         records = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]

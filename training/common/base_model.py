@@ -53,7 +53,7 @@ class BaseModel:
     @property
     def widths(self) -> dict[str, int]:
         """S* part key -> text-encoder word-embedding width (what the ID encoder must produce)."""
-        from .text import PART_FOR_ENCODER
+        from .prompt_encoding import PART_FOR_ENCODER
 
         return {key: te.get_input_embeddings().weight.shape[1]
                 for key, te in zip(PART_FOR_ENCODER[self.family], self.text_encoders, strict=True)}

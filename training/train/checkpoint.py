@@ -7,7 +7,7 @@
 - ``training_state.pt``: optimizer, lr scheduler, sampler position, step (plain tensors and
   numbers; read back with ``torch.load(weights_only=True)``),
 - ``rng_state_<rank>.pt``: python, numpy, torch (and CUDA) RNG states of each process,
-- ``config.json``: the :class:`~training.config.ExperimentConfig`,
+- ``config.json``: the :class:`~training.train.config.ExperimentConfig`,
 - ``complete.json``: written last, lists every file and its size.
 
 A checkpoint is assembled in ``.tmp-checkpoint-<step>/`` and renamed into place (an atomic

@@ -1,8 +1,8 @@
 """Training data: reconstruction photos (aligned once, cached) and the editing manifest.
 
-- reconstruction photos are aligned by their own resumable, sharded step (:mod:`training.recon`);
-- :func:`load_edit_manifest`: the JSONL of ``training/build_dataset.py``; only ``"kept": true`` lines.
-- :class:`TrainingData`: a map-style dataset indexed by :class:`~training.sampler.SampleRef`.
+- reconstruction photos are aligned by their own resumable, sharded step (:mod:`training.train.recon`);
+- :func:`load_edit_manifest`: the JSONL of ``python -m training.build_dataset``; only ``"kept": true`` lines.
+- :class:`TrainingData`: a map-style dataset indexed by :class:`~training.train.sampler.SampleRef`.
   The target image is the photo center-cropped and resized to the training resolution, in -1..1.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dreamid_core.fileio import atomic_write
-from dreamid_core.images import load_image
+from dreamid_core.images import crop_to_uint8, load_image, to_tensor
 
 from .sampler import SampleRef
 
@@ -99,14 +99,14 @@ def load_crop(path: str | Path, size: int) -> torch.Tensor:
     arr = load_image(path)
     if arr.shape[:2] != (size, size):
         raise ValueError(f"aligned crop {path} is {arr.shape[1]}x{arr.shape[0]} px; the face backbone needs "
-                         f"{size}x{size}. Re-run the alignment (training/build_dataset.py) with crop size {size}.")
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+                         f"{size}x{size}. Re-run the alignment (python -m training.build_dataset) with crop size {size}.")
+    return to_tensor(arr)
 
 
 def save_crop(crop: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
-    arr = crop.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [S, S, 3]
+    arr = crop_to_uint8(crop)  # [S, S, 3]
     with atomic_write(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
 

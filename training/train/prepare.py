@@ -1,20 +1,22 @@
-"""Build what a run needs from its :class:`~training.config.ExperimentConfig`: the frozen base model,
+"""Build what a run needs from its :class:`~training.train.config.ExperimentConfig`: the frozen base model,
 the ID encoder (frozen backbone unless ``backbone_lr``), the optimizer, and the data."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, load_arcface_backbone
 
+from ..common.base_model import BaseModel, load_base_model
+from ..common.latents import LatentCache, vae_identity
 from .config import ConfigError, ExperimentConfig
 from .data import DataReport, FaceItem, TrainingData, load_edit_manifest, write_report
-from .latents import LatentCache, vae_identity
-from .models import BaseModel, load_base_model
 from .recon import align_recon, collect_recon
 from .sampler import MixSampler
 
@@ -93,6 +95,21 @@ def build_optimizer(cfg: ExperimentConfig, encoder: IDEncoder) -> torch.optim.Ad
                        "lr": cfg.backbone_lr, "name": "backbone"})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        factor *= 1.0 - progress
+    return factor
+
+
+def build_lr_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer):
+    fn = partial(lr_factor, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup_steps, total=cfg.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 @dataclass

@@ -6,7 +6,7 @@ real photos, since tiny test models only draw noise).
   ``generator.batch(prompts, seeds, parts=None, k=2) -> list[PIL.Image]`` (batched, and S*-aware:
   ``parts`` are per-prompt S* vectors ``{"clip_h": [B, k, D]}`` injected where the prompt says "S*").
 - :class:`DiffusersGenerator`: the base model's pipeline (DDIM by default), prompts encoded by
-  :func:`training.text.encode_prompts`, one seeded ``torch.Generator`` per image (the seed fixes
+  :func:`training.common.prompt_encoding.encode_prompts`, one seeded ``torch.Generator`` per image (the seed fixes
   the image's initial noise, so a rerun draws the same image).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .text import encode_prompts
+from .prompt_encoding import encode_prompts
 
 logger = logging.getLogger(__name__)
 

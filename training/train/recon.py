@@ -3,7 +3,7 @@ resumable, sharded step.
 
 :func:`align_recon` aligns the photos of ONE shard (``shard_of(relative path, num_shards)``), each
 by the core's :class:`~dreamid_core.FacePipeline` (largest face), writes the crop PNG, then one
-record per photo into its shard's part file (:class:`training.jsonl.StepStore`, step ``align``
+record per photo into its shard's part file (:class:`training.common.records.StepStore`, step ``align``
 under the cache folder). Killed, it loses at most the photo it was on; rerun, it skips every photo
 already recorded by any shard layout. Failures are recorded too (a faceless photo is not detected
 again on every restart). Under ``accelerate launch`` every rank aligns its own shard before the
@@ -30,8 +30,8 @@ from dreamid_core.detection import FaceDetector
 from dreamid_core.errors import DreamIDError
 from dreamid_core.images import load_image
 
+from ..common.records import StepStore, shard_of
 from .data import IMAGE_EXTENSIONS, DataReport, FaceItem, file_id, save_crop
-from .jsonl import StepStore, shard_of
 
 logger = logging.getLogger(__name__)
 

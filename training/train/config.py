@@ -71,7 +71,7 @@ class ExperimentConfig:
     mixed_precision: str = "bf16"  # "no" on CPU
     # -- data -------------------------------------------------------------------------------------------
     recon_dir: str | None = None  # folder of face photos (FFHQ-style), searched recursively
-    edit_manifest: str | None = None  # JSONL written by training/build_dataset.py
+    edit_manifest: str | None = None  # JSONL written by `python -m training.build_dataset`
     recon_fraction: float = 0.5  # share of samples from recon_dir; the rest from edit_manifest
     resolution: int | None = None  # px; None = the family's native size (512 SD1/SD2-base, 1024 SDXL)
     prompt_templates: tuple[str, ...] = DEFAULT_TEMPLATES  # for recon photos; each contains the trigger
@@ -148,7 +148,7 @@ class ExperimentConfig:
         model's config files, no weights)."""
         if self.resolution is not None:
             return self
-        from .models import DEFAULT_RESOLUTION, base_family
+        from ..common.base_model import DEFAULT_RESOLUTION, base_family
 
         family = base_family(self.base_model, family=self.family, config=self.base_config)
         return self.replace(resolution=DEFAULT_RESOLUTION[family])
@@ -163,7 +163,7 @@ class ExperimentConfig:
                               "give a folder of face photos, or set recon_fraction to 0")
         if self.recon_fraction < 1 and not self.edit_manifest:
             raise ConfigError(f"ExperimentConfig.recon_fraction = {self.recon_fraction} but edit_manifest is null: "
-                              "give the manifest.jsonl of training/build_dataset.py, or set recon_fraction to 1.0 "
+                              "give the manifest.jsonl of `python -m training.build_dataset`, or set recon_fraction to 1.0 "
                               "(reconstruction only)")
 
     # -- (de)serialisation ----------------------------------------------------------------------------
@@ -221,3 +221,26 @@ class ExperimentConfig:
         """Fields whose values differ: ``{name: (self's, other's)}``."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+@dataclass
+class RunFlags:
+    """How to run (not what to compute): paths, resumption, logging, loader workers. Not hashed, not
+    written into checkpoints: a resumed run may change any of these."""
+
+    output_dir: str
+    resume: bool = False
+    max_steps: int | None = None  # overrides the config's max_steps (the schedule's horizon)
+    stop_after_step: int | None = None  # stop (after a checkpoint) at this step; the schedule is unchanged
+    cache_dir: str | None = None  # face crops and latents; default <output_dir>/cache
+    log_every: int = 10
+    num_workers: int = 2
+    report_to: str = "tensorboard"  # "tensorboard" | "none"
+    channels_last: bool = False
+    compile_unet: bool = False  # torch.compile the UNet (GPU; results no longer bit-identical to eager)
+    progress: bool = True
+    # collectives wait this long for the slowest rank (NCCL's default, 10 min, is shorter than aligning a
+    # big recon folder's shard or a slow checkpoint write on a network disk)
+    process_group_timeout_min: float = 180.0
+    skip_steps: tuple[int, ...] = ()  # these steps draw their samples and drop them (after a divergence)
+    allow_batch_change: bool = False  # resume even though the global batch differs from the checkpoint's

@@ -1,0 +1,123 @@
+"""``python -m training.evaluate``: the command line of :func:`training.evaluate.protocol.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
+from dreamid_core.cli_runner import run_main
+
+from . import protocol
+from .identity_sources import EmbeddingIdentity, EncoderIdentity
+from .protocol import EXAMPLE_PROMPTS, EvalConfig, evaluate, load_prompts, load_test_faces
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=protocol.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
+    p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors")
+    who.add_argument("--identity", type=Path, help="a learned identity of either layout (python -m "
+                     "training.learn_identity), one for every face; several methods or one per face: "
+                     "python -m training.evaluate_identities")
+    who.add_argument("--embedding", type=Path, help="textual-inversion file (one fixed identity, a baseline): this "
+                                                    "pack's .safetensors, diffusers learned_embeds (.safetensors/.bin) "
+                                                    "or A1111 .pt (read with weights_only=True)")
+    p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
+    p.add_argument("--faces", type=Path, required=True, help="folder of test photos, one identity per photo")
+    p.add_argument("--prompts", type=Path, default=EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--face-model", type=Path, required=True,
+                   help="arcface_torch ViT .pt/.safetensors or insightface glintr100.onnx / w600k_r50.onnx")
+    p.add_argument("--clip-model", type=Path, required=True, help="transformers CLIPModel folder (ViT-B/32 in the "
+                                                                  "literature)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trigger", default="S*")
+    p.add_argument("--neutral", default="a person", help="replaces the trigger in the text CLIP scores")
+    p.add_argument("--scale", type=float, default=1.0, help="S* strength (encoder only)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page (grid.png, grid-002.png, ...)")
+    p.add_argument("--shard", type=int, default=0, help="this process's shard of the (face, prompt) units")
+    p.add_argument("--num-shards", type=int, default=1, help="processes sharing the evaluation (e.g. one per GPU; "
+                                                             "the last to finish writes the summary)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--detector", default="mtcnn", choices=detector_names())
+    p.add_argument("--insightface-root", type=Path)
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--detect-retry", action=argparse.BooleanOptionalAction, default=True,
+                   help="retry images without a face at other sizes and padded")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ..common.base_model import load_base_model
+    from ..common.generation import resolve_device, resolve_dtype
+    from ..common.scorers import ClipScorer, IdentityScorer
+    from ..learn_identity.sampling import IdentityGenerator
+
+    cfg = EvalConfig(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, trigger=args.trigger,
+                     neutral=args.neutral, scale=args.scale, grid_rows=args.grid_rows, shard=args.shard,
+                     num_shards=args.num_shards)
+    device = resolve_device(args.device, shard=args.shard)
+    prompts = load_prompts(args.prompts, args.trigger)
+    identity = IdentityScorer(args.face_model, device=device, provider=args.provider).load()
+    clip = ClipScorer(args.clip_model, device=device).load()
+    pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
+                                          provider=args.provider, device=str(device)), retry=args.detect_retry)
+    faces, skipped = load_test_faces(args.faces, pipeline)
+    base = load_base_model(args.base_model, family=args.family, config=args.base_config,
+                           dtype=resolve_dtype(args.dtype, device)).to(device)
+    source, what = identity_source(args, base, device)
+    generator = IdentityGenerator(base, num_stages=getattr(source, "num_stages", 1),  # per-stage: same processor
+                                  stage_kind=getattr(source, "stage_kind", "time"), steps=args.steps,
+                                  guidance=args.guidance, height=args.height, width=args.width,
+                                  negative_prompt=args.negative_prompt, trigger=args.trigger, device=device)
+    header = {"S* from": what, "S* file sha256": file_sha256(Path(what)), "base model": str(args.base_model),
+              "sampler": f"DDIM {args.steps} steps, CFG {args.guidance}", "seed": args.seed,
+              "face model": str(args.face_model), "CLIP model": str(args.clip_model)}
+    if skipped:
+        header["test photos skipped (no face / unreadable)"] = ", ".join(skipped)
+    return evaluate(cfg, faces=faces, prompts=prompts, identity_source=source, generator=generator, pipeline=pipeline,
+                    identity=identity, clip=clip, header=header)
+
+
+def file_sha256(path: Path) -> str:
+    """First 16 hex digits: a re-exported encoder at the same path is a new evaluation, not a resumed one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -> tuple[Any, str]:
+    """The S* provider the command line asks for (see :mod:`training.evaluate.identity_sources`), and its label."""
+    if args.encoder is not None:
+        encoder = load_encoder(args.encoder, backbone_path=args.backbone, device=device)
+        return EncoderIdentity(encoder, base.widths, args.scale), str(args.encoder)
+    if getattr(args, "identity", None) is not None:
+        from ..learn_identity.evaluation import LearnedIdentitySource
+
+        return LearnedIdentitySource(args.identity, base.widths), str(args.identity)
+    return EmbeddingIdentity(args.embedding, base.family, base.widths), str(args.embedding)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(run, build_parser().parse_args(argv))
+
