@@ -11,6 +11,7 @@ from .detectors import detector_names, make_detector
 from .embedding_io import sanitize_name, write_embedding
 from .encoder import COMBINE_MODES, IDEncoder
 from .errors import (
+    ConfigError,
     DreamIDError,
     FaceNotFoundError,
     FaceSelectionError,
@@ -33,7 +34,7 @@ __all__ = [
     "BACKBONE_PRESETS", "COMBINE_MODES", "ChunkLayout", "PromptTokens", "TriggerMatch", "check_trigger",
     "chunk_groups", "find_triggers", "prompt_groups", "split_on_triggers", "tokenize_prompt",
     "FORMAT_VERSION", "TEXT_ENCODER_PRESETS", "BackboneConfig", "Detection",
-    "DreamIDError", "EncoderConfig", "FaceDetector", "FaceNotFoundError", "FacePipeline", "FaceResult",
+    "ConfigError", "DreamIDError", "EncoderConfig", "FaceDetector", "FaceNotFoundError", "FacePipeline", "FaceResult",
     "FaceSelectionError", "FaceViT", "FaceViTOutput", "IDEncoder", "ImageInputError", "IncompatibleEncoderError",
     "MissingDependencyError", "ModelFilesError", "PipelineReport", "TriggerNotFoundError", "WeightFormatError",
     "detector_names", "load_arcface_backbone", "load_encoder", "make_detector",

@@ -41,3 +41,10 @@ class ModelFilesError(DreamIDError, FileNotFoundError):
 
 class MissingDependencyError(DreamIDError, ImportError):
     """An optional package that a feature needs is not installed."""
+
+
+class ConfigError(DreamIDError, ValueError):
+    """A setting that cannot work (a config field, a command-line flag); the message names it and the fix.
+
+    Every stage of the training stack validates its config dataclass with it (``ExperimentConfig``,
+    ``BuildConfig``, ``EvalConfig``, identity learning's ``IdentityConfig`` + ``RunOptions``)."""

@@ -40,7 +40,7 @@ import torch
 
 from .config import TEXT_ENCODER_PRESETS, check_format_version, unknown_fields
 from .embedding_io import embedding_parts, embedding_tensors, read_embedding_file
-from .errors import WeightFormatError
+from .errors import ConfigError, WeightFormatError
 from .fileio import atomic_save_safetensors
 from .identity import IdentityEmbeds
 from .stages import STAGE_KINDS
@@ -77,15 +77,15 @@ class IdentityConfig:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.stage_kind not in STAGE_KINDS:
-            raise ValueError(f"stage_kind must be one of {STAGE_KINDS}, got {self.stage_kind!r}")
+            raise ConfigError(f"stage_kind must be one of {STAGE_KINDS}, got {self.stage_kind!r}")
         if not (isinstance(self.num_tokens, int) and self.num_tokens >= 1):
-            raise ValueError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}")
+            raise ConfigError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}")
         if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
-            raise ValueError(f"num_stages must be an integer >= 1, got {self.num_stages!r}")
+            raise ConfigError(f"num_stages must be an integer >= 1, got {self.num_stages!r}")
         if not (self.init == "encoder" or self.init.startswith(("word:", "file:"))):
-            raise ValueError(f"init must be 'encoder', 'word:<word>' or 'file:<name>', got {self.init!r}")
+            raise ConfigError(f"init must be 'encoder', 'word:<word>' or 'file:<name>', got {self.init!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)

@@ -20,9 +20,10 @@ from typing import Any
 
 from dreamid_core import load_encoder, read_encoder_config, save_encoder
 from dreamid_core.cli_runner import run_main
+from dreamid_core.errors import ConfigError
 
 from .train.checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
-from .train.config import ConfigError, ExperimentConfig
+from .train.config import ExperimentConfig
 
 logger = logging.getLogger("training.export")
 

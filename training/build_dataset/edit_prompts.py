@@ -14,6 +14,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreamid_core.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 SOURCE_TEMPLATE = "{name} face, looking at the camera"
@@ -66,7 +68,7 @@ def select_templates(ids: list[str] | None) -> dict[str, str]:
         return dict(EDIT_TEMPLATES)
     unknown = [t for t in ids if t not in EDIT_TEMPLATES]
     if unknown:
-        raise ValueError(f"unknown edit template id(s) {unknown}; choose from {list(EDIT_TEMPLATES)}")
+        raise ConfigError(f"unknown edit template id(s) {unknown}; choose from {list(EDIT_TEMPLATES)}")
     return {k: v for k, v in EDIT_TEMPLATES.items() if k in ids}
 
 

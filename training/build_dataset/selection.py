@@ -26,6 +26,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from dreamid_core.errors import ConfigError
+
 COMBINE_METHODS = ("rank", "zscore")
 
 
@@ -58,9 +60,9 @@ def combine_scores(id_scores: Sequence[float], clip_scores: Sequence[float], met
                    id_weight: float = 0.5) -> list[float]:
     """The combined score of each item of ONE template (see the module doc)."""
     if method not in COMBINE_METHODS:
-        raise ValueError(f"score combination must be one of {COMBINE_METHODS}, got {method!r}")
+        raise ConfigError(f"score combination must be one of {COMBINE_METHODS}, got {method!r}")
     if not 0.0 <= id_weight <= 1.0:
-        raise ValueError(f"id_weight must be in 0..1 (the identity score's share), got {id_weight}")
+        raise ConfigError(f"id_weight must be in 0..1 (the identity score's share), got {id_weight}")
     if len(id_scores) != len(clip_scores):
         raise ValueError(f"{len(id_scores)} identity scores but {len(clip_scores)} CLIP scores")
     if not id_scores:
@@ -73,7 +75,7 @@ def combine_scores(id_scores: Sequence[float], clip_scores: Sequence[float], met
 def keep_count(n_total: int, n_scored: int, keep_fraction: float) -> int:
     """``min(n_scored, ceil(keep_fraction * n_total))`` (a 1e-9 guard keeps 0.1 * 30 at 3)."""
     if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
+        raise ConfigError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
     return min(n_scored, math.ceil(keep_fraction * n_total - 1e-9))
 
 

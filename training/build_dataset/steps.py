@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dreamid_core import FaceNotFoundError, ImageInputError
+from dreamid_core.errors import ConfigError
 from dreamid_core.fileio import atomic_write
 from dreamid_core.images import crop_to_uint8, load_image, to_tensor
 
@@ -68,11 +69,11 @@ class BuildConfig:
         check_shard(self.shard, self.num_shards)
         for name in ("images_per_name", "edits_per_prompt", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.min_face < 0:
-            raise ValueError(f"--min-face must be >= 0 px, got {self.min_face}")
+            raise ConfigError(f"--min-face must be >= 0 px, got {self.min_face}")
         if self.combine not in COMBINE_METHODS:
-            raise ValueError(f"--combine must be one of {COMBINE_METHODS}, got {self.combine!r}")
+            raise ConfigError(f"--combine must be one of {COMBINE_METHODS}, got {self.combine!r}")
         keep_count(1, 1, self.keep_fraction)  # validates the fraction
         select_templates(list(self.templates) if self.templates else None)  # validates the ids
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dreamid_core.errors import ConfigError
+
 from .prompt_encoding import encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in table:
-        raise ValueError(f"--dtype must be auto or one of {sorted(table)}, got {name!r}")
+        raise ConfigError(f"--dtype must be auto or one of {sorted(table)}, got {name!r}")
     return table[name]
 
 

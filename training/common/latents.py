@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dreamid_core import DreamIDError
+from dreamid_core.errors import ConfigError
 from dreamid_core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class LatentCache:
 
     def __init__(self, mode: str, *, resolution: int, vae_id: str, folder: str | Path | None = None) -> None:
         if mode not in ("off", "memory", "disk"):
-            raise ValueError(f"latent cache mode must be 'off', 'memory' or 'disk', got {mode!r}")
+            raise ConfigError(f"latent cache mode must be 'off', 'memory' or 'disk', got {mode!r}")
         if mode == "disk" and folder is None:
             raise ValueError("the disk latent cache needs a folder")
         self.mode = mode

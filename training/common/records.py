@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from dreamid_core.errors import DreamIDError
+from dreamid_core.errors import ConfigError, DreamIDError
 from dreamid_core.fileio import atomic_write
 
 from .locking import try_lock  # POSIX only; on Windows shards are not protected against being started twice
@@ -45,9 +45,9 @@ def shard_of(key: str, num_shards: int) -> int:
 
 def check_shard(shard: int, num_shards: int) -> None:
     if num_shards < 1:
-        raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
+        raise ConfigError(f"--num-shards must be >= 1, got {num_shards}")
     if not 0 <= shard < num_shards:
-        raise ValueError(f"--shard {shard} is outside 0..{num_shards - 1} (for --num-shards {num_shards}); "
+        raise ConfigError(f"--shard {shard} is outside 0..{num_shards - 1} (for --num-shards {num_shards}); "
                          "shards are numbered from 0")
 
 

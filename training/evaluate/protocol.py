@@ -43,6 +43,7 @@ from dreamid_core import (
     FacePipeline,
     ImageInputError,
 )
+from dreamid_core.errors import ConfigError
 from dreamid_core.fileio import atomic_write
 from dreamid_core.images import crop_to_uint8, load_image
 
@@ -80,9 +81,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.images_per_prompt < 1:
-            raise ValueError(f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
+            raise ConfigError(f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
         if self.grid_rows < 1:
-            raise ValueError(f"--grid-rows must be >= 1, got {self.grid_rows}")
+            raise ConfigError(f"--grid-rows must be >= 1, got {self.grid_rows}")
         check_shard(self.shard, self.num_shards)
 
     def settings(self) -> dict[str, Any]:

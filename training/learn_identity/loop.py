@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dreamid_core import DreamIDError
 from dreamid_core.attention_loss import face_attention_loss, face_mass, resize_mask
+from dreamid_core.errors import ConfigError
 from dreamid_core.learned_identity import IdentityConfig, LearnedIdentity
 from dreamid_core.stages import stage_for_timestep
 
@@ -80,19 +81,19 @@ class LearnResult:
 
 def check_config(cfg: IdentityConfig, opts: RunOptions) -> None:
     if not isinstance(cfg.steps, int) or cfg.steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {cfg.steps!r}; a few hundred learn an identity")
+        raise ConfigError(f"steps must be an integer >= 1, got {cfg.steps!r}; a few hundred learn an identity")
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"learning rate must be a finite number > 0, got {cfg.lr!r}; 5e-3 is a good start")
+        raise ConfigError(f"learning rate must be a finite number > 0, got {cfg.lr!r}; 5e-3 is a good start")
     if not (math.isfinite(cfg.attn_weight) and cfg.attn_weight >= 0):
-        raise ValueError(f"attention-loss weight must be finite and >= 0, got {cfg.attn_weight!r} (0 = plain "
+        raise ConfigError(f"attention-loss weight must be finite and >= 0, got {cfg.attn_weight!r} (0 = plain "
                          "textual inversion, 0.003 = the paper's best)")
     if opts.batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {opts.batch_size}")
+        raise ConfigError(f"batch size must be >= 1, got {opts.batch_size}")
     if not isinstance(cfg.resolution, int) or cfg.resolution < 8 or cfg.resolution % 8:
-        raise ValueError(f"resolution must be a positive multiple of 8 (the VAE's factor), got {cfg.resolution!r}; "
+        raise ConfigError(f"resolution must be a positive multiple of 8 (the VAE's factor), got {cfg.resolution!r}; "
                          "512 for SD1.x / SD2.1-base, 768 for SD2.x-v, 1024 for SDXL")
     if not (math.isfinite(opts.scale_jitter) and 0 <= opts.scale_jitter < 0.5):
-        raise ValueError(f"scale jitter must be in [0, 0.5), got {opts.scale_jitter!r} (0.1 = crops of 90-100 %)")
+        raise ConfigError(f"scale jitter must be in [0, 0.5), got {opts.scale_jitter!r} (0.1 = crops of 90-100 %)")
 
 
 class IdentityLearner:

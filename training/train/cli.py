@@ -6,10 +6,11 @@ import argparse
 import logging
 
 from dreamid_core.cli_runner import run_main
+from dreamid_core.errors import ConfigError
 
 from . import run as run_module
 from .checkpoint import CONFIG_FILE, CheckpointManager
-from .config import ConfigError, ExperimentConfig, RunFlags
+from .config import ExperimentConfig, RunFlags
 from .run import train
 
 logger = logging.getLogger("training.train")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core.config import unknown_fields
-from dreamid_core.errors import DreamIDError
+from dreamid_core.errors import ConfigError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LATENT_CACHE = ("off", "memory", "disk")
@@ -33,10 +33,6 @@ DEFAULT_TEMPLATES = (
     "a good photo of S*",
     "a portrait photo of S*, high quality",
 )
-
-
-class ConfigError(DreamIDError, ValueError):
-    """An experiment config value that cannot work; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)

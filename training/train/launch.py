@@ -17,7 +17,7 @@ import os
 import shlex
 from collections.abc import Mapping
 
-from .config import ConfigError
+from dreamid_core.errors import ConfigError
 
 MODULE = "-m training.train"
 

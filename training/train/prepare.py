@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, load_arcface_backbone
+from dreamid_core.errors import ConfigError
 
 from ..common.base_model import BaseModel, load_base_model
 from ..common.latents import LatentCache, vae_identity
-from .config import ConfigError, ExperimentConfig
+from .config import ExperimentConfig
 from .data import DataReport, FaceItem, TrainingData, load_edit_manifest, write_report
 from .recon import align_recon, collect_recon
 from .sampler import MixSampler

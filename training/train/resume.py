@@ -16,8 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dreamid_core.errors import ConfigError
+
 from .checkpoint import Checkpoint, CheckpointManager
-from .config import ConfigError, ExperimentConfig
+from .config import ExperimentConfig
 from .divergence import RUN_MECHANICS
 from .launch import global_batch, launch_command
 
