@@ -180,3 +180,29 @@ def _stub_missing_loaders(route, stubbed: list[str]) -> None:
         print(f"\nfrontend workaround: stubbed missing loaders {missing} in /object_info "
               "(install ComfyUI's full requirements.txt, e.g. spandrel, to avoid this)", file=sys.stderr)
     route.fulfill(response=response, json=info)
+
+
+# -- the training tests' tiny setup (tests/training_fixtures.py builds it) ----------------------------
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process training run starts from a clean slate."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def setup_root(tmp_path_factory) -> Path:
+    """A folder for one test module's tiny training setup."""
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def cfg(setup_root):
+    """The tiny seeded SD2 training setup (base model, backbone, editing manifest) as an ExperimentConfig."""
+    from training_fixtures import make_setup
+
+    return make_setup(setup_root)

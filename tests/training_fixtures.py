@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from tiny_diffusers import make_tiny_arcface, make_tiny_sd
 
-from training.train.config import ExperimentConfig
+from training.train.config import ExperimentConfig, RunFlags
 
 
 def insightface_images() -> Path:
@@ -112,3 +113,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def flags(out: Path, **kw) -> RunFlags:
+    return RunFlags(output_dir=str(out), num_workers=0, report_to=kw.pop("report_to", "none"), progress=False, **kw)
+
+
+def encoder_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / f"checkpoint-{step}" / "encoder.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def recon_photos(folder: Path) -> Path:
+    """Three face photos (the insightface samples) for reconstruction samples."""
+    images = insightface_images()
+    folder.mkdir(parents=True, exist_ok=True)
+    tom = Image.open(images / "Tom_Hanks_54745.png").convert("RGB")
+    tom.save(folder / "tom.png")
+    tom.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "tom_flipped.png")
+    Image.open(images / "t1.jpg").convert("RGB").crop((380, 180, 660, 500)).save(folder / "group_crop.jpg")
+    return folder

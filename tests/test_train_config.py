@@ -1,0 +1,133 @@
+"""The experiment config and the shipped recipes: round trips, bad values named, every shipped config valid
+for its family, every shipped prompt tokenizes with the trigger, resolution defaults, unsupported families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from training_fixtures import (
+    flags,
+    make_setup,
+    one_thread,  # noqa: F401  (a fixture)
+)
+
+from training.train import train
+from training.train.config import ConfigError, ExperimentConfig
+
+pytest.importorskip("accelerate")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_round_trips_and_names_bad_values(cfg, tmp_path):
+    assert ExperimentConfig.load(cfg.save(tmp_path / "c.json")) == cfg
+    assert ExperimentConfig.from_json(cfg.to_json()).config_hash() == cfg.config_hash()
+    with pytest.raises(ConfigError, match="unknown fields \\['learning_rate'\\]"):
+        ExperimentConfig.from_dict({**cfg.to_dict(), "learning_rate": 1.0})
+    with pytest.raises(ConfigError, match="mixed_precision = 'fp8'"):
+        cfg.replace(mixed_precision="fp8")
+    with pytest.raises(ConfigError, match="do not contain the trigger"):
+        cfg.replace(prompt_templates=("a photo of sks",))
+    with pytest.raises(ConfigError, match="recon_fraction = 0.5 but edit_manifest is null"):
+        cfg.replace(recon_fraction=0.5, recon_dir="x", edit_manifest=None).check_data()
+    with pytest.raises(ConfigError, match="random_backbone"):
+        ExperimentConfig(base_model="x")
+
+
+def test_shipped_paper_config_is_valid():
+    """training/configs/sd21_base_paper.json parses and keeps the paper's recipe."""
+    from training.train.config import ExperimentConfig
+
+    cfg = ExperimentConfig.load(Path(__file__).resolve().parents[1] / "training" / "configs" / "sd21_base_paper.json")
+    assert (cfg.lr, cfg.reg_weight, cfg.num_tokens, cfg.max_steps) == (5e-5, 1e-4, 2, 60_000)
+
+
+def _shipped_prompts() -> dict[str, str]:
+    """Every prompt the shipped recipe can put through a tokenizer with the trigger: label -> prompt."""
+    from training.build_dataset.edit_prompts import EDIT_TEMPLATES, training_prompt
+    from training.evaluate import load_prompts
+    from training.train.config import DEFAULT_TEMPLATES
+
+    prompts = {f"config.DEFAULT_TEMPLATES[{i}]": t for i, t in enumerate(DEFAULT_TEMPLATES)}
+    for path in sorted((REPO / "training" / "configs").glob("*.json")):
+        shipped = ExperimentConfig.load(path)
+        prompts.update({f"{path.name}[{i}]": t for i, t in enumerate(shipped.prompt_templates)})
+    prompts.update({f"edit_prompts.{tid}": training_prompt(t) for tid, t in EDIT_TEMPLATES.items()})
+    for path in sorted((REPO / "training" / "data").glob("*prompts*.txt")):
+        prompts.update({f"{path.name}:{i}": p for i, p in enumerate(load_prompts(path))})
+    return prompts
+
+
+def _family_tokenizers(family: str):
+    from tiny_diffusers import clip_tokenizer
+
+    # the real CLIP BPE; SD2 and SDXL's second tokenizer pad with "!" as the published ones do
+    return {"sd1": [clip_tokenizer()], "sd2": [clip_tokenizer("!")],
+            "sdxl": [clip_tokenizer(), clip_tokenizer("!")]}[family]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_every_shipped_prompt_tokenizes_with_the_trigger(family):
+    from tiny_diffusers import bpe_vocab_path
+
+    from training.common.prompt_encoding import tokenize_with_trigger
+
+    if bpe_vocab_path() is None:
+        pytest.skip("needs the CLIP BPE vocabulary of the open-clip-torch wheel")
+
+    prompts = _shipped_prompts()
+    assert len(prompts) >= 8 + 9 + 2  # templates, edit prompts, example evaluation prompts
+    failed = {}
+    for tokenizer in _family_tokenizers(family):
+        for label, prompt in prompts.items():
+            try:
+                tok = tokenize_with_trigger(tokenizer, [prompt], "S*", 2)
+            except Exception as exc:  # noqa: BLE001 - every failure is listed below
+                failed[label] = f"{prompt!r}: {type(exc).__name__}: {exc}"
+                continue
+            if len(tok.positions[0]) != 2 * prompt.count("S*"):
+                failed[label] = f"{prompt!r}: S* slots at {tok.positions[0]}"
+    assert not failed, f"{family}: prompts without the trigger after tokenizing:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in failed.items())
+
+
+@pytest.mark.parametrize("pipeline,component", [("StableDiffusion3Pipeline", "transformer"),
+                                                ("FluxPipeline", "transformer")])
+def test_an_unsupported_model_family_is_named_with_the_supported_ones(tmp_path, pipeline, component):
+    from dreamid_core import ModelFilesError
+    from training.common.base_model import load_base_model
+
+    folder = tmp_path / "model"
+    (folder / component).mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, component: ["diffusers", "X"],
+                                                         "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(ModelFilesError, match=f"is a {pipeline} model .*sd1 .*sd2 .*sdxl"):
+        load_base_model(folder)
+    with pytest.raises(ConfigError, match="SD3, Flux"):
+        ExperimentConfig(base_model=str(folder), family="sd3", random_backbone=True)
+
+
+def test_resolution_defaults_to_the_family_native_size(setup_root, tmp_path):
+    sd2 = make_setup(setup_root, resolution=None)
+    sdxl = make_setup(setup_root, family="sdxl", resolution=None)
+    assert sd2.resolution is None and sd2.resolved().resolution == 512
+    assert sdxl.resolved().resolution == 1024
+    assert sdxl.replace(resolution=256).resolved().resolution == 256  # an explicit value is kept
+    result = train(sd2.replace(recon_fraction=0.0), flags(tmp_path / "run", stop_after_step=0))
+    assert result.step == 0 and ExperimentConfig.load(tmp_path / "run" / "config.json").resolution == 512
+
+
+def test_shipped_configs_for_each_family():
+    configs = {p.name: ExperimentConfig.load(p) for p in sorted((REPO / "training" / "configs").glob("*.json"))}
+    assert set(configs) >= {"sd15_paper.json", "sd21_base_paper.json", "sdxl_base_paper.json"}
+    from training.train.launch import global_batch
+
+    for name, shipped in configs.items():
+        assert (shipped.lr, shipped.reg_weight, shipped.num_tokens) == (5e-5, 1e-4, 2), name
+        assert global_batch(8, shipped.batch_size, shipped.gradient_accumulation_steps) == 64, name  # 8 GPUs
+    assert configs["sdxl_base_paper.json"].resolution == 1024
+    assert configs["sd15_paper.json"].resolution == configs["sd21_base_paper.json"].resolution == 512
