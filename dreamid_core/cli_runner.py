@@ -45,11 +45,15 @@ def setup_logging(level: int | str) -> None:
 
 
 def _command_name(run: Callable) -> str:
-    """The module a command lives in (``training.train``, also when run as ``python -m training.train``)."""
+    """The command the user typed (``training.train`` for ``python -m training.train``, also when a shim such as
+    ``training.evaluate_identities`` hands on to another module), else the module ``run`` lives in; never ``.cli``."""
     module = getattr(run, "__module__", None) or __name__
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = getattr(spec, "name", None) or module
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    typed = getattr(spec, "name", None) or ""  # `python -m X`: X (X.__main__ for a package)
+    if module == "__main__" or typed.split(".")[0] == module.split(".")[0]:
+        module = typed or module  # the command the user typed, also when a shim hands on to another module
+    for tail in (".__main__", ".cli"):  # a stage's command is its package: training.train, not training.train.cli
+        module = module.removesuffix(tail)
     return module
 
 

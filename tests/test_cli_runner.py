@@ -80,6 +80,11 @@ COMMANDS = {
     "training.evaluate": ["-m", "training.evaluate", "--base-model", "{missing}", "--encoder", "{missing}",
                           "--faces", "{tmp}", "--out", "{tmp}/ev", "--face-model", "{missing}",
                           "--clip-model", "{missing}"],
+    "training.evaluate_identities": ["-m", "training.evaluate_identities", "--method", "a=encoder:{missing}",
+                                     "--base-model", "{missing}", "--faces", "{tmp}", "--out", "{tmp}/ev",
+                                     "--face-model", "{missing}", "--clip-model", "{missing}"],
+    "training.learn_identity": ["-m", "training.learn_identity", "--base-model", "{missing}", "--photos", "{missing}",
+                                "--out", "{tmp}/me.safetensors"],
 }
 
 
@@ -96,3 +101,5 @@ def test_command_bad_argument_exits_2_with_one_line(name, tmp_path):
     assert "Traceback" not in proc.stderr
     named = bad_json.name if name == "training.train" else missing.name
     assert named in errors[0], errors[0]  # the message names the value at fault
+    if name.startswith("training."):
+        assert f" ERROR {name}: " in errors[0], errors[0]  # and comes from the command the user typed

@@ -12,8 +12,9 @@ One :class:`IdentityAttention` holds the state every processor of one UNet reads
   ("middle", 0), ``up_blocks[i]`` -> ("output", levels - 1 - i), :func:`stage_for_level`).
 - ``record()``: while active each cross-attention layer appends ``(name, probs)`` to ``records``,
   ``probs [N, heads, HW, L]`` the softmax of its query-key scores (float32, with gradients), and
-  computes its output from them (only layers with at most ``max_queries`` queries). Set ``collecting = False`` before ``backward()`` under gradient
-  checkpointing: the recomputed forward then computes the same way without recording twice.
+  computes its output from them (only layers with at most ``max_queries`` queries). Set
+  ``collecting = False`` before ``backward()`` under gradient checkpointing: the recomputed forward then
+  computes the same way without recording twice.
 
 Without ``kv`` and without recording the processor computes exactly what diffusers'
 ``AttnProcessor2_0`` computes (same operations, same order), so installing it changes no bit;
