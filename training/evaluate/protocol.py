@@ -1,4 +1,6 @@
-"""The DreamIdentity paper's evaluation protocol (``python -m training.evaluate``, :mod:`.cli`).
+"""The DreamIdentity paper's evaluation protocol: text alignment and face similarity of identity prompts.
+
+Run by ``python -m training.evaluate`` (:mod:`training.evaluate.cli`).
 
 Every test face (one photo per identity in ``--faces``, the largest face detected and aligned by
 the core pipeline) × every prompt of ``--prompts`` (each contains the trigger S*) × 4 images
