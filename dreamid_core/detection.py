@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 _NMS_BLOCK = 512  # rows of the overlap matrix computed at once (bounds memory for many boxes)
+_BAND_BYTES = 1 << 20  # photo bytes block_average reads per band (its intermediates then stay in cache)
 
 
 @dataclass(frozen=True)
@@ -46,22 +47,40 @@ class Detection:
 
 def block_average(image: np.ndarray, factor: int) -> np.ndarray:
     """An RGB ``uint8`` photo ``[H, W, 3]`` shrunk by averaging ``factor x factor`` blocks (the last,
-    partial blocks average what they cover): ``[ceil(H / factor), ceil(W / factor), 3]``.
+    partial blocks average what they cover): ``[ceil(H / factor), ceil(W / factor), 3]``, rounded.
 
-    For detecting on a huge photo without a float copy of it: rows first, on a zero-copy
-    single-channel view of the photo's bytes, then columns on the ``factor`` times smaller result
-    (8000x6000 by 6: 127 ms where a plain PIL ``reduce`` spends 160 ms just copying the photo in).
+    For detecting on a huge photo without a float copy of it: a band of block rows at a time (so the
+    intermediates stay in cache), the rows of each block are summed on the photo's own bytes
+    (``uint16``), and only those ``factor`` times fewer values become float, their columns summed
+    by one matrix product. 8000x6000 by 12 on one core: ~30 ms, where PIL's ``reduce`` took 70-110 ms.
     """
-    from PIL import Image
-
     if factor < 1:
         raise ValueError(f"block_average factor must be >= 1, got {factor}")
     if factor == 1:
         return image
-    h, w = image.shape[:2]
-    flat = Image.frombuffer("L", (w * 3, h), np.ascontiguousarray(image), "raw", "L", 0, 1)  # shares the bytes
-    rows = np.asarray(flat.reduce((1, factor))).reshape(-1, w, 3)  # [ceil(H / f), W, 3]
-    return np.array(Image.fromarray(rows).reduce((factor, 1)))
+    h, w, c = image.shape
+    flat = np.ascontiguousarray(image).reshape(h, w * c)
+    full_w = w // factor
+    acc = np.uint16 if factor <= 257 else np.uint32  # 257 * 255 still fits 16 bits
+    pick = np.tile(np.eye(c, dtype=np.float32), (factor, 1))  # [f * C, C]: sums f pixels per channel
+    out = np.empty((-(-h // factor), -(-w // factor), c), np.uint8)
+    band = max(1, _BAND_BYTES // (factor * w * c))  # block rows per band
+    for y in range(0, len(out), band):
+        rows = flat[y * factor:(y + band) * factor]
+        n, k = -(-len(rows) // factor), len(rows) // factor  # block rows here, of which k are whole
+        sums = np.empty((n, w * c), np.float32)
+        sums[:k] = rows[:k * factor].reshape(k, factor, w * c).sum(1, dtype=acc)
+        sums[:k] /= factor
+        if n > k:  # the partial last row of blocks
+            sums[k:] = rows[k * factor:].mean(0, dtype=np.float32)
+        sums = sums.reshape(n, w, c)
+        means = out[y:y + n].astype(np.float32)
+        means[:, :full_w] = sums[:, :full_w * factor].reshape(n, full_w, factor * c) @ pick / factor
+        if w > full_w * factor:  # the partial last column of blocks
+            means[:, full_w:] = sums[:, full_w * factor:].mean(1, keepdims=True)
+        np.rint(means, out=means)
+        out[y:y + n] = means
+    return out
 
 
 @runtime_checkable

@@ -110,6 +110,32 @@ def test_8k_photo_is_found_at_the_same_place(pipeline, group):
     np.testing.assert_allclose(np.asarray(result.detection.box) / (6243 / 1280), small.detection.box, atol=6)
 
 
+def _iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
+
+
+def test_every_face_of_a_huge_photo_maps_back_onto_the_original(pipeline, group):
+    """A 8000x6000 copy of t1.jpg (shrunk for detection by block averaging on uint8) gives the faces of
+    the 1280 px photo: one each, box IoU > 0.85, landmarks within 8% of the face (as test_mtcnn asks of a
+    huge photo). Which is largest is not compared: three of the six faces lie within 7% in area, and this
+    copy stretches 1280x886 to 4:3 (the old float resize picked another one there too)."""
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray(group).resize((8000, 6000), Image.Resampling.BILINEAR))
+    sx, sy = 8000 / group.shape[1], 6000 / group.shape[0]
+    small, _ = pipeline.detect(group)
+    found, _ = pipeline.detect(big)
+    assert len(found) == len(small) == 6
+    back = [(np.asarray(d.box) / [sx, sy, sx, sy], d.landmarks / [sx, sy]) for d in found]
+    for i, ref in enumerate(small):
+        j = max(range(len(back)), key=lambda k: _iou(back[k][0], ref.box))
+        side = ref.box[2] - ref.box[0]
+        assert _iou(back[j][0], ref.box) > 0.85, (i, back[j][0], ref.box)
+        assert np.abs(back[j][1] - ref.landmarks).max() < 0.08 * side, (i, back[j][1], ref.landmarks)
+
+
 @pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0), (90, 140, 200)])
 def test_blank_image_is_called_blank(pipeline, group, colour):
     blank = np.empty((300, 400, 3), np.uint8)
