@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .detection import block_means
+
 #: Five points (eye on the image's left, eye on the right, nose, mouth left, mouth right) in 112x112.
 ARCFACE_TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -67,38 +69,52 @@ def warp_affine(image: torch.Tensor, m: np.ndarray, size: int) -> torch.Tensor:
     ``[3, size, size]`` float.
 
     Outside the image is filled with the border colour, so faces near an edge do not get black wedges.
+    A face more than twice the output size is shrunk first: whole ``k x k`` blocks of its region averaged,
+    then an antialiased resize for the rest; a uint8 photo on the CPU has its blocks averaged on the bytes,
+    so only a ``k^2``-th of the face's pixels become float (a face 800 px wide in an 8000x6000 photo: 4 ms
+    instead of 14 ms). The float and uint8 paths compute the same means (to float rounding).
     """
     _, h, w = image.shape
     inv = invert_affine(m)  # output pixel -> source pixel
     corners = apply_transform(inv, np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]]))
     scale = float(np.sqrt(abs(np.linalg.det(inv[:, :2]))))  # source pixels per output pixel
-    # 1. crop the source region (plus a margin for the bilinear footprint)
-    x0 = int(np.clip(np.floor(corners[:, 0].min()) - 2, 0, w - 1))
-    x1 = int(np.clip(np.ceil(corners[:, 0].max()) + 3, x0 + 1, w))
-    y0 = int(np.clip(np.floor(corners[:, 1].min()) - 2, 0, h - 1))
-    y1 = int(np.clip(np.ceil(corners[:, 1].max()) + 3, y0 + 1, h))
+    shrink = scale / 1.5 if scale > 2.0 else 1.0  # the region ends up 1.5 px per output pixel
+    block = int(shrink)
+    # 1. crop the source region, plus a margin for the bilinear footprint (and for the partial blocks at its
+    # far edges, which are not centred where whole blocks are)
+    margin = 2 + 3 * block if block > 1 else 2
+    x0 = int(np.clip(np.floor(corners[:, 0].min()) - margin, 0, w - 1))
+    x1 = int(np.clip(np.ceil(corners[:, 0].max()) + margin + 1, x0 + 1, w))
+    y0 = int(np.clip(np.floor(corners[:, 1].min()) - margin, 0, h - 1))
+    y1 = int(np.clip(np.ceil(corners[:, 1].max()) + margin + 1, y0 + 1, h))
     region = image[:, y0:y1, x0:x1]  # [3, h', w']
-    if not region.is_floating_point():  # uint8 photo: only the face's region becomes float 0..1
+    on_bytes = block > 1 and region.dtype == torch.uint8 and region.device.type == "cpu"
+    if on_bytes:  # block means of the uint8 region, then 0..1
+        region = torch.from_numpy(block_means(region.permute(1, 2, 0).numpy(), block)).permute(2, 0, 1) / 255.0
+    elif not region.is_floating_point():  # uint8 photo: only the face's region becomes float 0..1
         region = region.float().div_(255.0)
-    offset = np.array([x0, y0], dtype=np.float64)
-    # 2. shrink it when the face is more than twice the output size (antialiased)
-    shrink = 1.0
-    if scale > 2.0:
-        shrink = scale / 1.5
-        new_h = max(1, round(region.shape[1] / shrink))
-        new_w = max(1, round(region.shape[2] / shrink))
+    if block > 1 and not on_bytes:  # the same means on a float region (partial blocks: what they cover)
+        region = F.avg_pool2d(region[None], block, ceil_mode=True)[0]
+    # 2. shrink it (the rest of the way) when the face is more than twice the output size (antialiased)
+    rest = shrink / block
+    if rest > 1.0 + 1e-6:
+        new_h = max(1, round(region.shape[1] / rest))
+        new_w = max(1, round(region.shape[2] / rest))
         region = F.interpolate(region[None], size=(new_h, new_w), mode="bilinear", antialias=True,
                                align_corners=False)[0]
     rh, rw = region.shape[1:]
+    # region pixels per block, per axis (the resize rounds its size): block j's centre is at photo pixel
+    # x0 + (j + 0.5) * block - 0.5, and region pixel i's at block (i + 0.5) * per - 0.5
+    per_x = -(-(x1 - x0) // block) / rw
+    per_y = -(-(y1 - y0) // block) / rh
     # 3. sample: output (u, v) -> source (x, y) -> region coords -> grid_sample's [-1, 1]
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
                             indexing="ij")
     inv_t = torch.as_tensor(inv, dtype=torch.float64)
     src_x = inv_t[0, 0] * xs + inv_t[0, 1] * ys + inv_t[0, 2]
     src_y = inv_t[1, 0] * xs + inv_t[1, 1] * ys + inv_t[1, 2]
-    # pixel centre c in the original sits at (c - offset + 0.5) / shrink - 0.5 in the region
-    rx = (src_x - offset[0] + 0.5) / shrink - 0.5
-    ry = (src_y - offset[1] + 0.5) / shrink - 0.5
+    rx = (src_x - x0 + 0.5) / block / per_x - 0.5
+    ry = (src_y - y0 + 0.5) / block / per_y - 0.5
     grid = torch.stack([(2 * rx + 1) / rw - 1, (2 * ry + 1) / rh - 1], dim=-1)  # [size, size, 2]
     out = F.grid_sample(region[None].float(), grid[None].to(torch.float32), mode="bilinear",
                         padding_mode="border", align_corners=False)

@@ -74,6 +74,20 @@ def test_huge_photo_face_lands_on_the_template():
     np.testing.assert_allclose(centroids(crop), ARCFACE_TEMPLATE_112, atol=0.6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 5.0, 12.0])
+def test_uint8_photo_gives_the_crop_of_the_float_one(scale):
+    """A uint8 photo (what the face pipeline passes) has its face's whole blocks averaged on the bytes, a
+    float one with avg_pool2d: the same crop to float rounding, on the template."""
+    pts = scale * ARCFACE_TEMPLATE_112 @ np.array([[0.98, -0.2], [0.2, 0.98]]).T + np.array([30.0, 50.0]) * scale
+    side = int(pts.max() + 60 * scale)
+    img = dots_image(side, side, pts, radius=3.0 * scale)
+    as_bytes = (img * 255).round().to(torch.uint8)
+    reference, _ = align_face(img, pts)
+    crop, _ = align_face(as_bytes, pts)
+    torch.testing.assert_close(crop, reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(centroids(crop), ARCFACE_TEMPLATE_112, atol=0.6)
+
+
 def test_template_scales():
     np.testing.assert_allclose(template(224), ARCFACE_TEMPLATE_112 * 2)
 
@@ -84,4 +98,7 @@ def test_uint8_photo_gives_the_same_crop_as_its_float_copy():
     photo = (dots_image(500, 460, pts, radius=9.0) * 255).round().to(torch.uint8)  # [3, H, W]
     crop_u8, m_u8 = align_face(photo, pts)
     crop_f, m_f = align_face(photo.float() / 255.0, pts)
-    assert crop_u8.dtype == torch.float32 and torch.equal(crop_u8, crop_f) and np.array_equal(m_u8, m_f)
+    # the same crop to float rounding (the uint8 path averages the face's 2x2 blocks on the bytes, the float
+    # path with avg_pool2d)
+    assert crop_u8.dtype == torch.float32 and np.array_equal(m_u8, m_f)
+    torch.testing.assert_close(crop_u8, crop_f, atol=1e-6, rtol=0)
