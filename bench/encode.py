@@ -28,6 +28,7 @@ from PIL import Image
 
 from dreamid_core import BackboneConfig, EncoderConfig, FacePipeline, IDEncoder, make_detector
 from dreamid_core.faces import _resize
+from dreamid_core.images import to_rgb_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the old cascade, kept as a reference
 from mtcnn_reference import ReferenceMTCNN  # noqa: E402
@@ -123,6 +124,11 @@ def main() -> None:
                   f"{(d + a) / bb:>20.2f}")
         print(f"{'':>21} | detection old/new {t['det old'] / t['det new']:.2f}x; "
               f"encoders alone CLIP/(backbone + project) {cl / (bb + pr):.2f}x")
+        comfy = [torch.from_numpy(photo).float().div_(255.0)[None] for photo in photos]  # ComfyUI IMAGE [1, H, W, 3]
+        conv = timed({"to uint8": lambda c=comfy: [to_rgb_list(x) for x in c]}, args.repeats, lambda: None,
+                     CLOCKS[args.clock])["to uint8"] / n
+        print(f"{'':>21} | a ComfyUI float IMAGE to uint8 first (the node's path, not in 'ours e2e'): {conv * 1e3:.1f}ms")
+        del comfy
         if n > 1:  # the same photos through one cascade call (what a batched caller could use)
             small = [_resize(photo, min(1.0, pipelines["new"].det_size / max(photo.shape[:2]))) for photo in photos]
             detector = pipelines["new"].detector
