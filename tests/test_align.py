@@ -76,15 +76,20 @@ def test_huge_photo_face_lands_on_the_template():
 
 @pytest.mark.parametrize("scale", [1.0, 5.0, 12.0])
 def test_uint8_photo_gives_the_crop_of_the_float_one(scale):
-    """A uint8 photo (what the face pipeline passes) has its face's whole blocks averaged on the bytes, a
-    float one with avg_pool2d: the same crop to float rounding, on the template."""
+    """A uint8 photo (what the face pipeline passes) has a large face's whole blocks averaged on the bytes
+    before the resize: its crop is the float photo's to under a grey level on average (the same bytes at
+    1x), on the template."""
     pts = scale * ARCFACE_TEMPLATE_112 @ np.array([[0.98, -0.2], [0.2, 0.98]]).T + np.array([30.0, 50.0]) * scale
     side = int(pts.max() + 60 * scale)
     img = dots_image(side, side, pts, radius=3.0 * scale)
-    as_bytes = (img * 255).round().to(torch.uint8)
+    planes = (img * 255).round().to(torch.uint8)
+    as_bytes = torch.from_numpy(np.ascontiguousarray(planes.permute(1, 2, 0).numpy())).permute(2, 0, 1)  # [H, W, 3] bytes
     reference, _ = align_face(img, pts)
     crop, _ = align_face(as_bytes, pts)
-    torch.testing.assert_close(crop, reference, atol=1e-5, rtol=0)
+    diff = (crop - reference).abs()
+    if scale < 3:  # no blocks averaged: the same computation
+        assert torch.equal(crop, reference)
+    assert float(diff.mean()) < 1 / 255 and float(diff.max()) < 0.2
     np.testing.assert_allclose(centroids(crop), ARCFACE_TEMPLATE_112, atol=0.6)
 
 
@@ -95,10 +100,13 @@ def test_template_scales():
 def test_uint8_photo_gives_the_same_crop_as_its_float_copy():
     # the face pipeline passes the photo as a uint8 view: only the face's region is converted to float
     pts = 3.0 * ARCFACE_TEMPLATE_112 + np.array([40.0, 70.0])
-    photo = (dots_image(500, 460, pts, radius=9.0) * 255).round().to(torch.uint8)  # [3, H, W]
+    planes = (dots_image(500, 460, pts, radius=9.0) * 255).round().to(torch.uint8)  # [3, H, W]
+    photo = torch.from_numpy(np.ascontiguousarray(planes.permute(1, 2, 0).numpy())).permute(2, 0, 1)  # as the pipeline
     crop_u8, m_u8 = align_face(photo, pts)
     crop_f, m_f = align_face(photo.float() / 255.0, pts)
-    # the same crop to float rounding (the uint8 path averages the face's 2x2 blocks on the bytes, the float
-    # path with avg_pool2d)
+    # the face is 3x the crop: the uint8 path averages its 2x2 blocks on the bytes before the resize, the
+    # float path resizes it in one go, so the crops differ by the filter alone
     assert crop_u8.dtype == torch.float32 and np.array_equal(m_u8, m_f)
-    torch.testing.assert_close(crop_u8, crop_f, atol=1e-6, rtol=0)
+    diff = (crop_u8 - crop_f).abs()
+    assert float(diff.mean()) < 1 / 255 and float(diff.max()) < 0.2
+    np.testing.assert_allclose(centroids(crop_u8), centroids(crop_f), atol=0.1)
