@@ -10,7 +10,7 @@ pseudo-words of each text encoder (``parts(crop) -> {"clip_h": [k, D], ...}``), 
   with ``torch.load(weights_only=True)`` only.
 
 A new way to obtain identities (e.g. identities learned per person) is another class with the same
-three members, chosen in :func:`training.evaluate.identity_source`.
+three members, chosen in :func:`training.evaluate.cli.identity_source`.
 """
 
 from __future__ import annotations
