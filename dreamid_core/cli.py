@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_runner import run_main
+from .cli_runner import HelpFormatter, describe, run_main
 from .detectors import BUILTIN, detector_names, make_detector
 from .embedding_io import sanitize_name, write_embedding
 from .encoder import COMBINE_MODES
@@ -42,9 +42,9 @@ def sample_photo() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreamid_core", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dreamid_core", description=describe(__doc__),
                                 epilog="python -m dreamid_core download --help: fetch the models the workflows list",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("photos", nargs="*", type=Path, help="photos of ONE person (several are averaged)")
     p.add_argument("--sample", action="store_true", help="add the sample photo shipped with insightface")
     p.add_argument("--out-dir", type=Path, default=Path("dreamid_out"), help="where crops (and S*) are written")

@@ -15,7 +15,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -77,3 +79,32 @@ def run_main(run: Callable[[argparse.Namespace], object], args: argparse.Namespa
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EXIT_BUG
     return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_OK
+
+
+def describe(doc: str | None) -> str:
+    """A module docstring's first paragraph as ``--help`` text, without reST markup (````code````, ``:mod:`x```)."""
+    text = (doc or "").split("\n\n")[0]
+    text = re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", text)
+    return text.replace("``", "")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default, also for options without help text; none for required
+    options, for defaults there is nothing to show of (None, False, [], "") and where the help already says it."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        d = action.default
+        return not (action.required or d is None or d is False or d is argparse.SUPPRESS or d == [] or d == "")
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or "%(default" in text or text.startswith("default:") or not self._shows_default(action):
+            return text
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help and action.help.strip()) and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)

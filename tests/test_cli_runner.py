@@ -103,3 +103,41 @@ def test_command_bad_argument_exits_2_with_one_line(name, tmp_path):
     assert named in errors[0], errors[0]  # the message names the value at fault
     if name.startswith("training."):
         assert f" ERROR {name}: " in errors[0], errors[0]  # and comes from the command the user typed
+
+
+HELP = {  # command: an option default that --help must show
+    "training.train": "(default: 180.0)",
+    "training.build_dataset": None,
+    "training.export": None,
+    "training.evaluate": "default: 4",
+    "training.evaluate_identities": "DDIM steps (default: 30)",
+    "training.learn_identity": "(default: 400)",
+    "dreamid_core": None,
+}
+
+
+@pytest.mark.parametrize("name", list(HELP))
+def test_help_shows_defaults_and_no_markup(name):
+    proc = subprocess.run([sys.executable, "-m", name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert "(default: None)" not in text and "default: False" not in text, text  # nothing to show is not shown
+    assert "``" not in text and ":mod:" not in text and ":func:" not in text, text  # reST stays in the docstrings
+    if HELP[name]:
+        assert HELP[name] in " ".join(text.split()), text
+
+
+def test_train_resume_of_an_empty_folder_says_what_to_do(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--output-dir", str(tmp_path / "run"), "--resume"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_USAGE
+    (line,) = [x for x in proc.stderr.splitlines() if " ERROR " in x]
+    assert "holds no complete checkpoint" in line and "training/configs/" in line, line
+
+
+def test_dataset_status_of_a_missing_folder_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.build_dataset", "status", "--out", str(tmp_path / "nope")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_USAGE, proc.stdout[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if " ERROR " in x]
+    assert "nope does not exist" in line and "build_dataset names" in line, line

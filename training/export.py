@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import load_encoder, read_encoder_config, save_encoder
-from dreamid_core.cli_runner import run_main
+from dreamid_core.cli_runner import describe, run_main
 from dreamid_core.errors import ConfigError
 
 from .train.checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
@@ -99,12 +99,13 @@ def _backbone_path(cfg: ExperimentConfig) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.export", description=describe(__doc__))
     p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoint-<step>, or runs/<name> (newest)")
     p.add_argument("--out", required=True, help="output .safetensors for models/dreamidentity/")
     p.add_argument("--no-backbone", action="store_true",
                    help="projection MLPs only (smaller; the node then needs the arcface backbone file)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging, and a traceback with every error")
     return p
 
 

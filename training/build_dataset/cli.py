@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import FacePipeline, ImageInputError, detector_names, make_detector
-from dreamid_core.cli_runner import run_main
+from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 from dreamid_core.images import load_image
 
 from ..common.records import StepStore
@@ -157,13 +157,13 @@ _STEP_ARGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=describe(__doc__),
                                 epilog="`python -m training.build_dataset STEP --help` says what STEP does and writes.")
     steps = p.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, adders in _STEP_ARGS.items():
         short, long = STEP_HELP[name]
         sub = steps.add_parser(name, help=short, description=f"{short}. {long}",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
         _common(sub)
         for add in adders:
             add(sub)
@@ -228,6 +228,9 @@ def status(cfg: BuildConfig, verify: bool = False) -> dict[str, Any]:
     """Records, outcomes and pending items per step (pending as the given flags define the items:
     pass the same --images-per-name / --templates / --edits-per-prompt as the steps), per part file;
     with ``verify`` also every unreadable image."""
+    if not cfg.out.is_dir():
+        raise FileNotFoundError(f"--out {cfg.out} does not exist; start a dataset there with "
+                                f"`python -m training.build_dataset names --out {cfg.out}`")
     names = StepStore(cfg.out, "names").records()
     edits = StepStore(cfg.out, "edits").records()
     expected = {"names": set(names),

@@ -5,8 +5,8 @@ several methods in one table: ``python -m training.evaluate_identities`` (:mod:`
 """
 
 from .cli import main
-from .identity_sources import EmbeddingIdentity, EncoderIdentity
+from .identity_sources import EmbeddingIdentity, EncoderIdentity, LearnedIdentitySource
 from .protocol import EXAMPLE_PROMPTS, EvalConfig, evaluate, load_prompts, load_test_faces
 
-__all__ = ["EXAMPLE_PROMPTS", "EmbeddingIdentity", "EncoderIdentity", "EvalConfig", "evaluate", "load_prompts",
-           "load_test_faces", "main"]
+__all__ = ["EXAMPLE_PROMPTS", "EmbeddingIdentity", "EncoderIdentity", "EvalConfig", "LearnedIdentitySource", "evaluate",
+           "load_prompts", "load_test_faces", "main"]

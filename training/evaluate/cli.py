@@ -9,19 +9,19 @@ from typing import Any
 import torch
 
 from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
-from dreamid_core.cli_runner import run_main
+from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 
 from . import protocol
-from .identity_sources import EmbeddingIdentity, EncoderIdentity
+from .identity_sources import EmbeddingIdentity, EncoderIdentity, LearnedIdentitySource
 from .protocol import EXAMPLE_PROMPTS, EvalConfig, evaluate, load_prompts, load_test_faces
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=protocol.__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=describe(protocol.__doc__),
+                                formatter_class=HelpFormatter)
     p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
     p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="base model family (default: read from its files)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors")
     who.add_argument("--identity", type=Path, help="a learned identity of either layout (python -m "
@@ -33,26 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
     p.add_argument("--faces", type=Path, required=True, help="folder of test photos, one identity per photo")
     p.add_argument("--prompts", type=Path, default=EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for images/, summary.md, summary.csv, images.csv and the grids")
     p.add_argument("--face-model", type=Path, required=True,
                    help="arcface_torch ViT .pt/.safetensors or insightface glintr100.onnx / w600k_r50.onnx")
     p.add_argument("--clip-model", type=Path, required=True, help="transformers CLIPModel folder (ViT-B/32 in the "
                                                                   "literature)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per (face, prompt); the paper: 4")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trigger", default="S*")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; the paper: 7.5")
+    p.add_argument("--seed", type=int, default=0, help="each image's seed is derived from this, its face and its prompt")
+    p.add_argument("--trigger", default="S*", help="the word that S* replaces in every prompt")
     p.add_argument("--neutral", default="a person", help="replaces the trigger in the text CLIP scores")
     p.add_argument("--scale", type=float, default=1.0, help="S* strength (encoder only)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    p.add_argument("--height", type=int, help="image height (default: the base model's native size)")
+    p.add_argument("--width", type=int, help="image width (default: the base model's native size)")
     p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page (grid.png, grid-002.png, ...)")
     p.add_argument("--shard", type=int, default=0, help="this process's shard of the (face, prompt) units")
     p.add_argument("--num-shards", type=int, default=1, help="processes sharing the evaluation (e.g. one per GPU; "
                                                              "the last to finish writes the summary)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--detector", default="mtcnn", choices=detector_names())
     p.add_argument("--insightface-root", type=Path)
@@ -69,6 +70,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..common.scorers import ClipScorer, IdentityScorer
     from ..learn_identity.sampling import IdentityGenerator
 
+    for flag, path in (("--encoder", args.encoder), ("--identity", getattr(args, "identity", None)),
+                       ("--embedding", args.embedding), ("--faces", args.faces)):
+        if path is not None and not Path(path).exists():  # before minutes of model loading
+            raise FileNotFoundError(f"{flag} {path} does not exist")
     cfg = EvalConfig(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, trigger=args.trigger,
                      neutral=args.neutral, scale=args.scale, grid_rows=args.grid_rows, shard=args.shard,
                      num_shards=args.num_shards)
@@ -112,8 +117,6 @@ def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -
         encoder = load_encoder(args.encoder, backbone_path=args.backbone, device=device)
         return EncoderIdentity(encoder, base.widths, args.scale), str(args.encoder)
     if getattr(args, "identity", None) is not None:
-        from ..learn_identity.evaluation import LearnedIdentitySource
-
         return LearnedIdentitySource(args.identity, base.widths), str(args.identity)
     return EmbeddingIdentity(args.embedding, base.family, base.widths), str(args.embedding)
 

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
-from dreamid_core.cli_runner import run_main
+from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 
-from ..learn_identity.evaluation import LearnedIdentitySource
 from . import protocol as ev
-from .identity_sources import EncoderIdentity
-from .report import _fmt
+from .identity_sources import EncoderIdentity, LearnedIdentitySource
+from .report import fmt_score
 
 logger = logging.getLogger("training.evaluate_identities")
 
@@ -55,37 +54,40 @@ def comparison_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> s
     lines += ["| method | identity | images | text-alignment (CLIP) | face similarity | no-face rate | identity time |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['source']} | {r['images']} | {_fmt(r['text_alignment'])} | "
-                     f"{_fmt(r['face_similarity']) or 'n/a'} | {r['no_face_rate']:.1%} | {r['identity_time']} |")
+        lines.append(f"| {r['method']} | {r['source']} | {r['images']} | {fmt_score(r['text_alignment'])} | "
+                     f"{fmt_score(r['face_similarity']) or 'n/a'} | {r['no_face_rate']:.1%} | {r['identity_time']} |")
     lines += ["", "Each method's per-prompt table, images and grid are in its folder. Identity time: encoding per "
               "face (encoder) or the learning run's duration recorded in the identity file."]
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate_identities", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.evaluate_identities", description=describe(__doc__),
+                                formatter_class=HelpFormatter)
     p.add_argument("--method", action="append", required=True, help="NAME=encoder:FILE or NAME=identity:PATH")
-    p.add_argument("--base-model", type=Path, required=True)
+    p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
     p.add_argument("--base-config", type=Path)
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="base model family (default: read from its files)")
     p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if an encoder file has none")
-    p.add_argument("--faces", type=Path, required=True)
-    p.add_argument("--prompts", type=Path, default=ev.EXAMPLE_PROMPTS)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--face-model", type=Path, required=True)
-    p.add_argument("--clip-model", type=Path, required=True)
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trigger", default="S*")
-    p.add_argument("--neutral", default="a person")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--grid-rows", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--faces", type=Path, required=True, help="folder of test photos, one identity per photo")
+    p.add_argument("--prompts", type=Path, default=ev.EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder: OUT/NAME/ per method (its images and tables), OUT/comparison.md and .csv")
+    p.add_argument("--face-model", type=Path, required=True,
+                   help="arcface_torch ViT .pt/.safetensors or insightface glintr100.onnx / w600k_r50.onnx")
+    p.add_argument("--clip-model", type=Path, required=True,
+                   help="transformers CLIPModel folder (ViT-B/32 in the literature)")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per (face, prompt); the paper: 4")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; the paper: 7.5")
+    p.add_argument("--seed", type=int, default=0, help="each image's seed is derived from this, its face and its prompt")
+    p.add_argument("--trigger", default="S*", help="the word that S* replaces in every prompt")
+    p.add_argument("--neutral", default="a person", help="replaces the trigger in the text CLIP scores")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    p.add_argument("--height", type=int, help="image height (default: the base model's native size)")
+    p.add_argument("--width", type=int, help="image width (default: the base model's native size)")
+    p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--detector", default="mtcnn", choices=detector_names())
     p.add_argument("--insightface-root", type=Path)
@@ -105,6 +107,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = [m[0] for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"--method names repeat: {names}")
+    for name, _, path in methods:
+        if not Path(path).exists():  # before minutes of model loading
+            raise FileNotFoundError(f"--method {name}: {path} does not exist")
     device = resolve_device(args.device)
     prompts = ev.load_prompts(args.prompts, args.trigger)
     identity = IdentityScorer(args.face_model, device=device, provider=args.provider).load()
@@ -152,8 +157,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         w = csv.DictWriter(fh, fieldnames=COMPARISON_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "text_alignment": _fmt(r["text_alignment"], 6),
-                        "face_similarity": _fmt(r["face_similarity"], 6), "no_face_rate": _fmt(r["no_face_rate"], 4)})
+            w.writerow({**r, "text_alignment": fmt_score(r["text_alignment"], 6),
+                        "face_similarity": fmt_score(r["face_similarity"], 6),
+                        "no_face_rate": fmt_score(r["no_face_rate"], 4)})
     logger.info("compared %d method(s) -> %s", len(rows), args.out / "comparison.md")
     return rows
 

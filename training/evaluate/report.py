@@ -63,7 +63,8 @@ def summarize(results: Sequence[ImageResult]) -> list[Row]:
     return rows
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def fmt_score(value: float | None, digits: int = 4) -> str:
+    """A score as the tables print it; empty when there is none (e.g. no face in any image)."""
     return "" if value is None else f"{value:.{digits}f}"
 
 
@@ -73,8 +74,8 @@ def write_image_csv(path: Path, results: Sequence[ImageResult]) -> Path:
         w.writeheader()
         for r in results:
             d = asdict(r)
-            d["text_alignment"] = _fmt(r.text_alignment, 6)
-            d["face_similarity"] = _fmt(r.face_similarity, 6)
+            d["text_alignment"] = fmt_score(r.text_alignment, 6)
+            d["face_similarity"] = fmt_score(r.face_similarity, 6)
             w.writerow(d)
     return path
 
@@ -85,8 +86,8 @@ def write_summary_csv(path: Path, rows: Sequence[Row]) -> Path:
         w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({"prompt": r.prompt, "images": r.images, "text_alignment": _fmt(r.text_alignment, 6),
-                        "face_similarity": _fmt(r.face_similarity, 6), "no_face_rate": _fmt(r.no_face_rate, 4),
+            w.writerow({"prompt": r.prompt, "images": r.images, "text_alignment": fmt_score(r.text_alignment, 6),
+                        "face_similarity": fmt_score(r.face_similarity, 6), "no_face_rate": fmt_score(r.no_face_rate, 4),
                         "faces_found": r.faces_found})
     return path
 
@@ -99,7 +100,7 @@ def markdown_table(rows: Sequence[Row], header: dict[str, Any] | None = None) ->
               "|---|---:|---:|---:|---:|"]
     for r in rows:
         name = f"**{r.prompt}**" if r.prompt == OVERALL else r.prompt.replace("|", "\\|")
-        lines.append(f"| {name} | {r.images} | {_fmt(r.text_alignment)} | {_fmt(r.face_similarity) or 'n/a'} | "
+        lines.append(f"| {name} | {r.images} | {fmt_score(r.text_alignment)} | {fmt_score(r.face_similarity) or 'n/a'} | "
                      f"{r.no_face_rate:.1%} |")
     lines += ["", "Text-alignment: raw CLIP cosine of the image and the prompt with the trigger replaced by the "
               "neutral phrase, over all images. Face similarity: identity cosine between the input face and the face "

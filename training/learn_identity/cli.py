@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dreamid_core import FacePipeline, detector_names, make_detector
-from dreamid_core.cli_runner import run_main
+from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 from dreamid_core.learned_identity import LAYOUTS, IdentityConfig, save_learned_identity
 from dreamid_core.stages import STAGE_KINDS
 
@@ -36,15 +36,17 @@ logger = logging.getLogger("training.learn_identity")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.learn_identity", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.learn_identity", description=describe(__doc__),
+                                formatter_class=HelpFormatter)
     p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
     p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="base model family (default: read from its files)")
     p.add_argument("--photos", nargs="+", required=True, help="photos (or folders of photos) of ONE person")
     p.add_argument("--out", type=Path, required=True, help="the identity .safetensors to write")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--layout", choices=LAYOUTS, default="words")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--layout", choices=LAYOUTS, default="words",
+                   help="words: k token vectors (a textual-inversion file); per_stage: K/V tokens per stage "
+                        "(Beyond Inserting)")
     p.add_argument("--num-tokens", type=int, help="k identity tokens (default: the encoder's k, else 2)")
     p.add_argument("--num-stages", type=int, default=5, help="per_stage: stages (key/value pairs)")
     p.add_argument("--stage-kind", choices=STAGE_KINDS, default="time", help="per_stage: denoising-time or UNet-block")
@@ -54,17 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--init-word", default="person", help="start from this word's embedding")
     p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
     p.add_argument("--class-word", default="person", help="the reference prompt's word for the attention loss")
-    p.add_argument("--trigger", default="S*")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--trigger", default="S*", help="the word that S* replaces in every prompt")
+    p.add_argument("--steps", type=int, default=400, help="optimisation steps (a few hundred learn an identity)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the identity's vectors")
     p.add_argument("--attn-weight", type=float, default=0.003, help="face-wise attention loss (0 = plain TI)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="each image's seed is derived from this, its face and its prompt")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="flip and scale/crop jitter")
     p.add_argument("--scale-jitter", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="frozen model dtype: auto (bf16 on a GPU), float32, float16, bfloat16")
     p.add_argument("--detector", default="mtcnn", choices=detector_names())
     p.add_argument("--insightface-root", type=Path)

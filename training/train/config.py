@@ -202,7 +202,8 @@ class ExperimentConfig:
     def load(cls, path: str | Path) -> ExperimentConfig:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise FileNotFoundError(f"config file not found: {path}; the paper's recipes ship as "
+                                    "training/configs/*.json (copy one and edit its paths)")
         return cls.from_json(path.read_text(), source=str(path))
 
     def save(self, path: str | Path) -> Path:

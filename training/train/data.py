@@ -215,7 +215,11 @@ class TrainingData(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Crops stacked ``[B, 3, S, S]``; pixels/latents stay per-sample lists (some may be cached)."""
+    """A micro-batch, the dict a training step reads (:meth:`training.train.loop.TrainLoop.step`):
+
+    ``crop`` ``[B, 3, S, S]`` aligned faces in 0..1; ``prompt`` the B prompts with the trigger;
+    ``latent`` / ``pixels`` per sample (a cached latent, or the ``[3, R, R]`` target image to encode;
+    ``latent_key`` names it in the cache); ``position`` (the sampler's) and ``image`` (its file) for messages."""
     return {"crop": torch.stack([s["crop"] for s in samples]), "prompt": [s["prompt"] for s in samples],
             "latent_key": [s["latent_key"] for s in samples], "position": [s["position"] for s in samples],
             "image": [s["image"] for s in samples],

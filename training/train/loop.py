@@ -94,6 +94,8 @@ class TrainLoop:
                                            noise_offset=cfg.noise_offset)
                 acc.backward(parts.loss)
                 sums += torch.stack([parts.loss.detach(), parts.mse.detach(), parts.reg.detach()]).float()
+                # accelerate syncs on the last of gradient_accumulation_steps micro-batches (the Accelerator is
+                # built with that count in run.py), so means and grad_norm are always set when the loop ends
                 if acc.sync_gradients:  # the last micro-batch: clip, check, update
                     grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf"))
                     means = acc.reduce(sums, "sum") / (self.world * cfg.gradient_accumulation_steps)
