@@ -56,22 +56,7 @@ GOALS_GIB = {"sd21": 10.0}  # the issue's goal at batch 1 with gradient checkpoi
 
 
 def build(size: str, device: torch.device) -> tuple[BaseModel, int]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    s = ts._sizes(size)
-    torch.manual_seed(0)
-    width = s["text"]["hidden_size"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                        eos_token_id=49407, pad_token_id=49407, **s["text"]))
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=width, use_linear_projection=True,
-                                **s["unet"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215, **s["vae"])
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
-    tokenizer, _ = ts.clip_tokenizer()
-    base = BaseModel(family="sd2", unet=unet, vae=vae, text_encoders=[text], tokenizers=[tokenizer],
-                     noise_scheduler=sched, source=f"bench-{size}").freeze()
+    base, s, _ = ts.build_base(size, seed=0)  # the same base model as bench/train_step.py
     return base.to(device), s["resolution"]
 
 

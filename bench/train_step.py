@@ -114,7 +114,8 @@ def clip_tokenizer():
                          model_max_length=77), "CLIP BPE"
 
 
-def build(size: str, device: torch.device, seed: int = 0):
+def build_base(size: str, seed: int = 0) -> tuple[BaseModel, dict, str]:
+    """The frozen tiny (or SD2.1-shaped) base model built from config, its size table and tokenizer kind."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -131,6 +132,12 @@ def build(size: str, device: torch.device, seed: int = 0):
     tokenizer, tok_kind = clip_tokenizer()
     base = BaseModel(family="sd2", unet=unet, vae=vae, text_encoders=[text], tokenizers=[tokenizer],
                      noise_scheduler=sched, source=f"bench-{size}").freeze()
+    return base, s, tok_kind
+
+
+def build(size: str, device: torch.device, seed: int = 0):
+    base, s, tok_kind = build_base(size, seed)
+    width = s["text"]["hidden_size"]
     enc_cfg = EncoderConfig(backbone=s["backbone"], target="sd2", token_widths=(("clip_h", width),),
                             tap_layers=s["backbone"].default_taps(), hidden_dim=s["hidden"])
     encoder = IDEncoder(enc_cfg)
