@@ -31,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,20 +132,6 @@ def make(name: str, base, pixels, batch, device):
                     ckpt="ckpt" in name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(step, steps: int, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def saved_mib(step, models) -> float:
     """MiB of activations one step saves for backward (weights of ``models`` excluded)."""
     weights = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
@@ -230,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-            best[n] = min(best[n], timed(step, steps, device))
+            best[n] = min(best[n], ts.time_steps(step, steps=steps, device=device))
             if device.type == "cuda":
                 own = sum(t.numel() * t.element_size() for m in step.models
                           for t in [*m.parameters(), *m.buffers()])
