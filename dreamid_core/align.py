@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .detection import block_means
+from .images import block_means
 
 #: Five points (eye on the image's left, eye on the right, nose, mouth left, mouth right) in 112x112.
 ARCFACE_TEMPLATE_112 = np.array(

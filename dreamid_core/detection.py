@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 _NMS_BLOCK = 512  # rows of the overlap matrix computed at once (bounds memory for many boxes)
-_BAND_BYTES = 1 << 20  # photo bytes block_average reads per band (its intermediates then stay in cache)
 
 
 @dataclass(frozen=True)
@@ -43,52 +42,6 @@ class Detection:
         box = (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy)
         lm = self.landmarks * scale + np.asarray([ox, oy], dtype=np.float32)
         return Detection(box=box, score=self.score, landmarks=lm.astype(np.float32))
-
-
-def block_average(image: np.ndarray, factor: int) -> np.ndarray:
-    """An RGB ``uint8`` photo ``[H, W, 3]`` shrunk by averaging ``factor x factor`` blocks (the last,
-    partial blocks average what they cover): ``[ceil(H / factor), ceil(W / factor), 3]``, rounded.
-
-    For detecting on a huge photo without a float copy of it (see :func:`block_means`).
-    """
-    if factor < 1:
-        raise ValueError(f"block_average factor must be >= 1, got {factor}")
-    if factor == 1:
-        return image
-    return np.rint(block_means(image, factor)).astype(np.uint8)
-
-
-def block_means(image: np.ndarray, factor: int) -> np.ndarray:
-    """The mean of each ``factor x factor`` block of a ``uint8`` image ``[H, W, C]`` (the last, partial
-    blocks average what they cover), unrounded: float32 ``[ceil(H / factor), ceil(W / factor), C]``.
-
-    A band of block rows at a time (so the intermediates stay in cache), the rows of each block are
-    summed on the image's own bytes (``uint16``), and only those ``factor`` times fewer values become
-    float, their columns summed by one matrix product. 8000x6000 by 12 on one core: ~30 ms, where PIL's
-    ``reduce`` took 70-110 ms (and 50 ms more to copy an RGB photo into PIL at all).
-    """
-    if factor < 1:
-        raise ValueError(f"block_means factor must be >= 1, got {factor}")
-    h, w, c = image.shape
-    flat = np.ascontiguousarray(image).reshape(h, w * c)
-    full_w = w // factor
-    acc = np.uint16 if factor <= 257 else np.uint32  # 257 * 255 still fits 16 bits
-    pick = np.tile(np.eye(c, dtype=np.float32) / factor, (factor, 1))  # [f * C, C]: mean of f pixels per channel
-    out = np.empty((-(-h // factor), -(-w // factor), c), np.float32)
-    band = max(1, _BAND_BYTES // (factor * w * c))  # block rows per band
-    for y in range(0, len(out), band):
-        rows = flat[y * factor:(y + band) * factor]
-        n, k = -(-len(rows) // factor), len(rows) // factor  # block rows here, of which k are whole
-        sums = np.empty((n, w * c), np.float32)
-        sums[:k] = rows[:k * factor].reshape(k, factor, w * c).sum(1, dtype=acc)
-        sums[:k] /= factor
-        if n > k:  # the partial last row of blocks
-            sums[k:] = rows[k * factor:].mean(0, dtype=np.float32)
-        sums = sums.reshape(n, w, c)
-        out[y:y + n, :full_w] = sums[:, :full_w * factor].reshape(n, full_w, factor * c) @ pick
-        if w > full_w * factor:  # the partial last column of blocks
-            out[y:y + n, full_w:] = sums[:, full_w * factor:].mean(1, keepdims=True)
-    return out
 
 
 @runtime_checkable

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .align import align_face, apply_transform
-from .detection import Detection, FaceDetector, block_average
+from .detection import Detection, FaceDetector
 from .errors import FaceNotFoundError, FaceSelectionError
-from .images import to_rgb_list
+from .images import resize_rgb, to_rgb_list, uint8_chw
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +67,7 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     if abs(scale - 1.0) < 1e-6:
         return image
     h, w = image.shape[:2]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if scale <= 0.5:  # average whole blocks on uint8 first (no float copy of every pixel), then the rest
-        image = block_average(image, int(1 / scale))  # an 8000x6000 photo to 640 px: 12x12 blocks, then 0.96x
-        if image.shape[:2] == size:
-            return image
-    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
-    out = F.interpolate(t, size=size, mode="bilinear", antialias=scale < 1.0, align_corners=False)
-    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return resize_rgb(image, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
 def _pad(image: np.ndarray, fraction: float) -> tuple[np.ndarray, int]:
@@ -173,7 +165,7 @@ class FacePipeline:
 
     def align(self, image: np.ndarray, detection: Detection) -> tuple[torch.Tensor, np.ndarray]:
         # uint8 view: warp_affine converts only the face's region to float, not an 8k photo
-        return align_face(torch.from_numpy(image).permute(2, 0, 1), detection.landmarks, self.crop_size)
+        return align_face(uint8_chw(image), detection.landmarks, self.crop_size)
 
     def process_one(self, image: np.ndarray, *, image_index: int = 0, face_index: int = 0,
                     order: str = "largest") -> FaceResult:

@@ -9,12 +9,14 @@ cut-out then looks like a studio background to the detector).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import ImageInputError
 
@@ -22,6 +24,7 @@ from .errors import ImageInputError
 MIN_SIDE = 16
 _ALPHA_BACKGROUND = 127.0
 _BAND = 1 << 16  # float values converted at once (256 KB: stays in cache)
+_BAND_BYTES = 1 << 20  # photo bytes block_means reads per band (its intermediates then stay in cache)
 
 
 def _from_float(arr: np.ndarray, where: str) -> np.ndarray:
@@ -138,3 +141,64 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def crop_to_uint8(crop: torch.Tensor) -> np.ndarray:
     """An aligned crop, float ``[3, S, S]`` in 0..1 -> RGB uint8 ``[S, S, 3]`` (the inverse of :func:`to_tensor`)."""
     return (crop.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def uint8_chw(image: np.ndarray) -> torch.Tensor:
+    """An RGB ``uint8`` photo ``[H, W, 3]`` as a ``[3, H, W]`` tensor that shares its memory (read-only
+    arrays too: the callers only read it, so torch's warning about writing to one does not apply)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An RGB ``uint8`` photo ``[H, W, 3]`` resized to ``size`` ``(h, w)``: bilinear, antialiased when it
+    shrinks (each output pixel averages what it covers, so small faces stay smooth for the detector).
+
+    On the photo's own bytes, with torch's uint8 kernels (channels-last, AVX2): within 1 level of the same
+    resize through float and 5-9x faster; an 8000x6000 photo to 640 px takes ~20 ms on one core.
+    """
+    h, w = image.shape[:2]
+    if (h, w) == tuple(size):
+        return image
+    shrink = size[0] < h or size[1] < w
+    t = uint8_chw(image)[None]  # [1, 3, H, W], channels-last strides
+    try:
+        out = F.interpolate(t, size=size, mode="bilinear", antialias=shrink, align_corners=False)
+    except (RuntimeError, NotImplementedError):  # a torch without the uint8 kernels
+        out = F.interpolate(t.float(), size=size, mode="bilinear", antialias=shrink, align_corners=False)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def block_means(image: np.ndarray, factor: int) -> np.ndarray:
+    """The mean of each ``factor x factor`` block of a ``uint8`` image ``[H, W, C]`` (the last, partial
+    blocks average what they cover), unrounded: float32 ``[ceil(H / factor), ceil(W / factor), C]``.
+
+    A band of block rows at a time (so the intermediates stay in cache), the rows of each block are
+    summed on the image's own bytes (``uint16``), and only those ``factor`` times fewer values become
+    float, their columns summed by one matrix product. 8000x6000 by 12 on one core: ~30 ms, where PIL's
+    ``reduce`` took 70-110 ms (and 50 ms more to copy an RGB photo into PIL at all).
+    """
+    if factor < 1:
+        raise ValueError(f"block_means factor must be >= 1, got {factor}")
+    h, w, c = image.shape
+    flat = np.ascontiguousarray(image).reshape(h, w * c)
+    full_w = w // factor
+    acc = np.uint16 if factor <= 257 else np.uint32  # 257 * 255 still fits 16 bits
+    pick = np.tile(np.eye(c, dtype=np.float32) / factor, (factor, 1))  # [f * C, C]: mean of f pixels per channel
+    out = np.empty((-(-h // factor), -(-w // factor), c), np.float32)
+    band = max(1, _BAND_BYTES // (factor * w * c))  # block rows per band
+    for y in range(0, len(out), band):
+        rows = flat[y * factor:(y + band) * factor]
+        n, k = -(-len(rows) // factor), len(rows) // factor  # block rows here, of which k are whole
+        sums = np.empty((n, w * c), np.float32)
+        sums[:k] = rows[:k * factor].reshape(k, factor, w * c).sum(1, dtype=acc)
+        sums[:k] /= factor
+        if n > k:  # the partial last row of blocks
+            sums[k:] = rows[k * factor:].mean(0, dtype=np.float32)
+        sums = sums.reshape(n, w, c)
+        out[y:y + n, :full_w] = sums[:, :full_w * factor].reshape(n, full_w, factor * c) @ pick
+        if w > full_w * factor:  # the partial last column of blocks
+            out[y:y + n, full_w:] = sums[:, full_w * factor:].mean(1, keepdims=True)
+    return out

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .detection import Detection, block_average, nms
+from .detection import Detection, nms
 from .errors import ImageInputError, ModelFilesError, WeightFormatError
+from .images import resize_rgb
 from .mtcnn_sampling import CropSampler, shelf_pack
 
 logger = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class MTCNNDetector:
         the crops of all photos go through R-Net and O-Net together. The networks and crop sampling run on ``self.device``;
         box bookkeeping and NMS run on the host, with one device-to-host transfer per stage for the
         whole batch (three in all, however many photos and pyramid levels). Photos longer than
-        ``max_side`` are detected on an area-averaged copy and their boxes mapped back.
+        ``max_side`` are detected on an antialiased copy and their boxes mapped back.
         """
         work, back = [], []
         for i, image in enumerate(images):
@@ -239,19 +240,16 @@ class MTCNNDetector:
         return [[d.transformed(r) for d in faces] if r != 1.0 else faces for faces, r in zip(found, back, strict=True)]
 
     def _detection_copy(self, image: np.ndarray, index: int) -> tuple[np.ndarray, float]:
-        """``image`` (checked), or an area-averaged copy with ``max_side`` px, and the factor back."""
+        """``image`` (checked), or an antialiased copy with ``max_side`` px, and the factor back."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             what = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise ImageInputError(f"MTCNN needs an RGB uint8 array [H, W, 3]; got {what} (image {index})")
         h, w = image.shape[:2]
         if max(h, w) <= self.max_side:
             return image, 1.0
-        from PIL import Image  # box filter = area average, straight on uint8: no float copy of a huge image
-
         ratio = self.max_side / max(h, w)
         small_w, small_h = max(1, round(w * ratio)), max(1, round(h * ratio))
-        blocks = block_average(image, int(1 / ratio))  # whole blocks first, without copying the photo into PIL
-        small = np.asarray(Image.fromarray(blocks).resize((small_w, small_h), Image.Resampling.BOX))
+        small = resize_rgb(image, (small_h, small_w))  # on the photo's uint8 bytes: no float copy of it
         logger.debug("MTCNN: %dx%d image detected at %dx%d", w, h, small_w, small_h)
         return small, (w / small_w + h / small_h) / 2
 

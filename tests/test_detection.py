@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamid_core.detection import Detection, block_average, nms
+from dreamid_core.detection import Detection, nms
 
 
 def test_nms_union_and_min():
@@ -57,16 +57,3 @@ def test_nms_matches_greedy_across_blocks_and_groups():
                 for i in _greedy(boxes[groups == g], scores[groups == g], 0.4)]
     assert sorted(grouped) == sorted(separate) and len(grouped) > len(got)
     assert list(scores[grouped]) == sorted(scores[grouped], reverse=True)
-
-
-def test_block_average_equals_the_mean_of_each_block():
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, (53, 70, 3), dtype=np.uint8)  # sides not multiples of the factor
-    out = block_average(image, 4)
-    assert out.shape == (14, 18, 3) and out.dtype == np.uint8
-    for y, x in [(0, 0), (5, 9), (13, 17)]:  # (13, 17): the partial corner block
-        block = image[4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1, 3).astype(float)
-        np.testing.assert_allclose(out[y, x], block.mean(0), atol=1.0)
-    assert block_average(image, 1) is image
-    with pytest.raises(ValueError, match="factor must be >= 1, got 0"):
-        block_average(image, 0)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dreamid_core import ImageInputError
-from dreamid_core.images import load_image, to_rgb_list, to_rgb_uint8
+from dreamid_core.images import block_means, load_image, resize_rgb, to_rgb_list, to_rgb_uint8
 
 
 def test_greyscale_rgba_float_and_comfy_layouts():
@@ -55,3 +55,45 @@ def test_files(tmp_path):
         load_image(tmp_path / "bad.jpg")
     with pytest.raises(ImageInputError, match="photo not found"):
         load_image(tmp_path / "missing.jpg")
+
+
+def _float_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+    out = torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=size[0] < image.shape[0],
+                                          align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("shape,size", [((886, 1280), (443, 640)), ((6000, 8000), (480, 640)),
+                                        ((301, 517), (97, 166)), ((120, 90), (480, 360)), ((640, 480), (640, 479))])
+def test_resize_rgb_is_the_antialiased_float_resize_on_uint8(shape, size):
+    """The detector's copy of a photo: within 1 level of the same resize through float, for shrinking by
+    large and odd factors and for enlarging; contiguous uint8 whatever the photo's own strides."""
+    rng = np.random.default_rng(sum(shape))
+    coarse = rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3), dtype=np.uint8)  # edges and flats
+    image = np.ascontiguousarray(np.repeat(np.repeat(coarse, 8, 0), 8, 1)[:shape[0], :shape[1]])
+    out = resize_rgb(image, size)
+    assert out.shape == (*size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert np.abs(out.astype(int) - _float_resize(image, size)).max() <= 1
+
+
+def test_resize_rgb_reads_a_read_only_photo_without_a_warning(recwarn):
+    image = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    image.flags.writeable = False  # what np.asarray(PIL image) gives
+    out = resize_rgb(image, (100, 150))
+    assert out.flags.writeable and not [w for w in recwarn if "not writable" in str(w.message)]
+    np.testing.assert_array_equal(image, np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    assert resize_rgb(image, (200, 300)) is image
+
+
+def test_block_means_are_the_mean_of_each_block():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (53, 70, 3), dtype=np.uint8)  # sides not multiples of the factor
+    out = block_means(image, 4)
+    assert out.shape == (14, 18, 3) and out.dtype == np.float32
+    for y, x in [(0, 0), (5, 9), (13, 17)]:  # (13, 17): the partial corner block
+        block = image[4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1, 3).astype(float)
+        np.testing.assert_allclose(out[y, x], block.mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(block_means(image, 1), image)
+    with pytest.raises(ValueError, match="factor must be >= 1, got 0"):
+        block_means(image, 0)
