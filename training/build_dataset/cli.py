@@ -211,7 +211,8 @@ def make_face_pipeline(args: argparse.Namespace) -> FacePipeline:
 
     device = str(resolve_device(args.device, shard=args.shard))
     detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider, device=device)
-    return FacePipeline(detector, retry=args.detect_retry)
+    # the full search: the records say how many faces each photo shows (num_faces)
+    return FacePipeline(detector, retry=args.detect_retry, quick_min_face=None)
 
 
 def make_scorers(args: argparse.Namespace) -> tuple[Any, Any]:

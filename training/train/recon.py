@@ -105,7 +105,7 @@ def align_recon(folder: str | Path, cache_dir: str | Path, *, crop_size: int = 1
     summary.from_cache = summary.photos - len(todo)
     if todo:
         det = make_detector(detector, device=detector_device) if isinstance(detector, str) else detector
-        pipeline = FacePipeline(det, crop_size=crop_size)
+        pipeline = FacePipeline(det, crop_size=crop_size, quick_min_face=None)  # num_faces counts every face
         with store.writer(shard, num_shards) as writer:
             for rel, photo, key in tqdm(todo, desc=f"align faces {shard + 1}/{num_shards}", unit="photo",
                                         disable=not progress):
