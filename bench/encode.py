@@ -7,8 +7,11 @@ Photo sets (from the insightface wheel's t1.jpg): a 400 px portrait, the 1280 px
 an 8000x6000 photo, and a batch of 8 photos of different sizes. Detection and alignment are what
 the identity path runs (``FacePipeline.detect``: shrink to 640 px + detector; ``FacePipeline.align``
 on the full-resolution photo), with the built-in MTCNN and its real weights: "old" is the cascade
-before the batched rewrite (tests/mtcnn_reference.py), "new" the current one; their repeats are
-interleaved with the encoders' so a loaded machine slows all alike (read the ratios).
+before the batched rewrite (tests/mtcnn_reference.py) searching every face, "all" the current one
+searching every face, "ident" the current one as the identity path runs it (the largest face only:
+the quick search for faces from ``quick_min_face`` px up, then the full one if that finds none so
+large). Their repeats are interleaved with the encoders' so a loaded machine slows all alike (read
+the ratios).
 Encoders have random weights (no hub is reachable); shapes are the published ones.
 Paper anchor: 0.04 s per identity on a GPU.
 """
@@ -86,8 +89,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    pipelines = {"old": FacePipeline(ReferenceMTCNN(device=args.device)),
-                 "new": FacePipeline(make_detector("mtcnn", device=args.device))}
+    mtcnn = make_detector("mtcnn", device=args.device)
+    pipelines = {"old": FacePipeline(ReferenceMTCNN(device=args.device)), "all": FacePipeline(mtcnn),
+                 "ident": FacePipeline(mtcnn)}
+    largest_only = {"old": False, "all": False, "ident": True}
     torch.manual_seed(0)
     encoder = IDEncoder(EncoderConfig.for_target("sd2", BackboneConfig.preset("vit_s"))).to(device).eval()
     clip = clip_l14_vision().to(device).eval()
@@ -103,12 +108,13 @@ def main() -> None:
           f"{'ours e2e':>8} | {'CLIP-L/14':>9} | {'CLIP/ours':>9} | {'det+align / backbone':>20}")
     for name, photos in photo_sets().items():
         n = len(photos)
-        found = {k: [p.detect(photo)[0][0] for photo in photos] for k, p in pipelines.items()}
+        found = {k: [p.detect(photo, largest_only=largest_only[k])[0][0] for photo in photos]
+                 for k, p in pipelines.items()}
         faces = torch.rand(n, 3, 112, 112, device=device)
         pixels = torch.rand(n, 3, 224, 224, device=device)
         fns = {}
         for k, p in pipelines.items():
-            fns[f"det {k}"] = lambda p=p, ph=photos: [p.detect(photo) for photo in ph]
+            fns[f"det {k}"] = lambda p=p, ph=photos, q=largest_only[k]: [p.detect(x, largest_only=q) for x in ph]
             fns[f"align {k}"] = lambda p=p, ph=photos, f=found[k]: [p.align(x, d) for x, d in zip(ph, f, strict=True)]
         with torch.inference_mode():
             v = encoder.features(faces)
@@ -122,7 +128,8 @@ def main() -> None:
             print(f"{name:>21} | {k:>5} | {d * 1e3:>6.1f}ms | {a * 1e3:>5.1f}ms | {bb * 1e3:>6.1f}ms | "
                   f"{pr * 1e3:>5.2f}ms | {total * 1e3:>6.1f}ms | {cl * 1e3:>7.1f}ms | {cl / total:>8.2f}x | "
                   f"{(d + a) / bb:>20.2f}")
-        print(f"{'':>21} | detection old/new {t['det old'] / t['det new']:.2f}x; "
+        print(f"{'':>21} | detection old/all {t['det old'] / t['det all']:.2f}x, "
+              f"all/ident {t['det all'] / t['det ident']:.2f}x; "
               f"encoders alone CLIP/(backbone + project) {cl / (bb + pr):.2f}x")
         comfy = [torch.from_numpy(photo).float().div_(255.0)[None] for photo in photos]  # ComfyUI IMAGE [1, H, W, 3]
         conv = timed({"to uint8": lambda c=comfy: [to_rgb_list(x) for x in c]}, args.repeats, lambda: None,
@@ -130,8 +137,8 @@ def main() -> None:
         print(f"{'':>21} | a ComfyUI float IMAGE to uint8 first (the node's path, not in 'ours e2e'): {conv * 1e3:.1f}ms")
         del comfy
         if n > 1:  # the same photos through one cascade call (what a batched caller could use)
-            small = [_resize(photo, min(1.0, pipelines["new"].det_size / max(photo.shape[:2]))) for photo in photos]
-            detector = pipelines["new"].detector
+            small = [_resize(photo, min(1.0, pipelines["all"].det_size / max(photo.shape[:2]))) for photo in photos]
+            detector = pipelines["all"].detector
             t = timed({"loop": lambda d=detector, s=small: [d.detect(x) for x in s],
                        "batch": lambda d=detector, s=small: d.detect_batch(s)}, args.repeats, sync, CLOCKS[args.clock])
             print(f"{'':>21} | detector alone on the 640 px copies: one call per photo {t['loop'] / n * 1e3:.1f}ms, "
