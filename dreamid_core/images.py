@@ -30,34 +30,46 @@ _BAND_BYTES = 1 << 20  # photo bytes block_means reads per band (its intermediat
 def _from_float(arr: np.ndarray, where: str) -> np.ndarray:
     """Float pixels (0..1, or 0..255) -> uint8, a band of values at a time: a ComfyUI IMAGE of an
     8000x6000 photo is 576 MB of float32, and whole-array temporaries (a clipped copy, a scaled copy,
-    a rounded copy) cost 0.5 s in page faults alone; bands that stay in cache read it twice."""
+    a rounded copy) cost 0.5 s in page faults alone. One pass reads each band once: its range is
+    checked and it is converted as 0..1 while it is in cache; values outside 0..1 (a 0..255 image)
+    stop that pass, and the whole range is checked and converted again as 0..255."""
     if arr.size == 0:
         raise ImageInputError(f"{where} is empty (shape {tuple(arr.shape)})")
     flat = arr.reshape(-1)
-    lo, hi = np.inf, -np.inf
-    for i in range(0, flat.size, _BAND):
-        band = flat[i:i + _BAND]
-        band_lo, band_hi = float(band.min()), float(band.max())  # NaN propagates through min/max
-        if not (np.isfinite(band_lo) and np.isfinite(band_hi)):
-            raise ImageInputError(f"{where} contains NaN or infinite values")
-        lo, hi = min(lo, band_lo), max(hi, band_hi)
-    if lo < -1e-3 or hi > 1.0 + 1e-3:
-        if not (hi <= 255.0 and lo >= 0.0):
-            raise ImageInputError(f"{where} has values in [{lo:.3g}, {hi:.3g}]; expected 0..1 (float) or 0..255")
-        top, gain = 255.0, 1.0
-    else:
-        top, gain = 1.0, 255.0
     out = np.empty(flat.size, np.uint8)
     buf = np.empty(min(_BAND, flat.size), np.float32)
     for i in range(0, flat.size, _BAND):
         band = flat[i:i + _BAND]
-        work = buf[:band.size]
-        np.clip(band, 0.0, top, out=work)
-        if gain != 1.0:
-            work *= np.float32(gain)
-        np.rint(work, out=work)
-        out[i:i + band.size] = work
+        lo, hi = _band_range(band, where)
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            break
+        _band_to_uint8(band, buf, out[i:i + band.size], 255.0)
+    else:
+        return out.reshape(arr.shape)
+    ranges = [_band_range(flat[i:i + _BAND], where) for i in range(0, flat.size, _BAND)]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if not (hi <= 255.0 and lo >= 0.0):
+        raise ImageInputError(f"{where} has values in [{lo:.3g}, {hi:.3g}]; expected 0..1 (float) or 0..255")
+    for i in range(0, flat.size, _BAND):
+        band = flat[i:i + _BAND]
+        _band_to_uint8(band, buf, out[i:i + band.size], 1.0)
     return out.reshape(arr.shape)
+
+
+def _band_range(band: np.ndarray, where: str) -> tuple[float, float]:
+    lo, hi = float(band.min()), float(band.max())  # NaN propagates through min/max
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageInputError(f"{where} contains NaN or infinite values")
+    return lo, hi
+
+
+def _band_to_uint8(band: np.ndarray, buf: np.ndarray, out: np.ndarray, gain: float) -> None:
+    """``rint(band * gain)`` into ``out``. No clip: the range is checked first and lies at most 1e-3 * 255
+    = 0.26 levels outside 0..255, which rint brings back onto 0 and 255 (np.clip took a third of the time)."""
+    work = buf[:band.size]
+    np.multiply(band, np.float32(gain), out=work)
+    np.rint(work, out=work)
+    np.copyto(out, work, casting="unsafe")
 
 
 def to_rgb_uint8(image: Any, where: str = "image") -> np.ndarray:

@@ -97,3 +97,24 @@ def test_block_means_are_the_mean_of_each_block():
     np.testing.assert_array_equal(block_means(image, 1), image)
     with pytest.raises(ValueError, match="factor must be >= 1, got 0"):
         block_means(image, 0)
+
+
+def test_large_float_images_are_converted_by_their_whole_range():
+    """Float photos are converted a band of 65536 values at a time, as 0..1 until a band says otherwise:
+    a 0..255 image whose top rows happen to be dark (all <= 1) is still read as 0..255, and a NaN or an
+    out-of-range value in the last band is refused, whatever the bands before it held."""
+    rng = np.random.default_rng(3)
+    u = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)  # 360000 values: six bands
+    np.testing.assert_array_equal(to_rgb_uint8(u.astype(np.float32) / 255), u)
+    np.testing.assert_array_equal(to_rgb_uint8(u.astype(np.float64) / 255), u)
+    dark_top = u.astype(np.float32)
+    dark_top[:100] = rng.integers(0, 2, (100, 400, 3))  # the first 120000 values are 0 or 1
+    np.testing.assert_array_equal(to_rgb_uint8(dark_top), dark_top.astype(np.uint8))
+    edges = np.full((300, 400, 3), 0.5, np.float32)
+    edges[0, :4, 0] = [-0.0009, 1.0009, 0.5 / 255, 254.5 / 255]  # 0.26 levels outside 0..1: no clip needed
+    assert to_rgb_uint8(edges)[0, :4, 0].tolist() == [0, 255, 0, 254]  # rint: halves go to the even level
+    for value, message in ((np.nan, "NaN"), (np.inf, "NaN or infinite"), (-0.5, r"values in \[-0.5, 1\]")):
+        bad = u.astype(np.float32) / 255
+        bad[-1, -1, -1] = value
+        with pytest.raises(ImageInputError, match=message):
+            to_rgb_uint8(bad, where="image 0")
