@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         summary["faces"].append({"photo": str(photos[face.image_index]), "crop": str(out),
                                  "faces_in_photo": face.num_faces, "score": round(float(face.detection.score), 4),
                                  "box": [round(v, 1) for v in face.detection.box]})
+        if face.counted_from:  # the quick search settled the largest face: smaller ones were not counted
+            summary["faces"][-1]["faces_counted_from_px"] = round(face.counted_from)
     if embeds is not None:
         path = write_embedding(args.out_dir / sanitize_name(args.name), embeds.parts, overwrite=args.overwrite,
                                metadata={**embeds.info, "photos": [Path(p).name for p in photos]})

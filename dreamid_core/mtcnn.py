@@ -223,14 +223,15 @@ class MTCNNDetector:
         return self.detect_batch([image])[0]
 
     def detect_at_least(self, image: np.ndarray, min_face: float) -> list[Detection]:
-        """Faces of ``min_face`` px of ``image`` and larger: the pyramid levels of :meth:`detect` from the
-        one whose window lies within a pyramid step under ``min_face`` px up; the finer ones (which find
-        only smaller faces) are skipped.
+        """Faces of ``min_face`` px of ``image`` and larger, as :meth:`detect` finds them: its pyramid
+        levels from the one within two pyramid steps under ``min_face`` up, the finer ones skipped.
 
-        The levels run are exactly :meth:`detect`'s, so a face well over ``min_face`` comes out as it
-        does there (the finer levels' candidates rarely overlap it enough to change the non-maximum
-        suppression); measured on t1.jpg and the face_recognition portraits, the same boxes. Faces a
-        little under ``min_face`` are often still found; smaller ones are not.
+        The levels run are exactly :meth:`detect`'s, and the finest of them lies at least one step under
+        ``min_face``: a face that large is found by its own level and the one under it, and the skipped
+        levels' candidates are too small to win a non-maximum suppression against it. A face near the
+        finest level run does not have that margin: its box can differ from :meth:`detect`'s by ~10% in
+        area (measured on t1.jpg and the face_recognition portraits at 191 sizes: faces from ``min_face``
+        up, the same boxes; under it, some differ). Smaller faces are found less surely, or not at all.
         """
         return self.detect_batch([image], min_face=min_face)[0]
 
@@ -251,8 +252,8 @@ class MTCNNDetector:
             small, ratio = self._detection_copy(image, i)
             work.append(small)
             back.append(ratio)
-        # the smallest window each photo's pyramid keeps (a step under min_face), in px of the copy it sees
-        windows = [0.0 if min_face is None else min_face * self.pyramid_factor / r for r in back]
+        # the smallest window each photo's pyramid keeps (two steps under min_face), in px of the copy it sees
+        windows = [0.0 if min_face is None else min_face * self.pyramid_factor ** 2 / r for r in back]
         found = self._cascade(work, windows)
         return [[d.transformed(r) for d in faces] if r != 1.0 else faces for faces, r in zip(found, back, strict=True)]
 
@@ -304,7 +305,7 @@ class MTCNNDetector:
         return scales
 
     def _propose(self, photos: dict[int, torch.Tensor], windows: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1: P-Net over every level of every photo whose 12 px window covers at least ``windows[i]``
+        """Stage 1: P-Net over every level of every photo whose 12 px window covers more than ``windows[i]``
         px of photo ``i`` -> squared candidate boxes ``[N, 4]`` and the photo each belongs to ``[N]``
         (host tensors).
 

@@ -41,6 +41,9 @@ def test_crops_and_embedding_from_photos(tmp_path, encoder_file):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert len(summary["faces"]) == 2 and summary["faces"][1]["faces_in_photo"] == 6
+    # t1.jpg at 1280 px is detected at 640: the quick search for the largest face counted faces from 40 px
+    # of that copy, 80 px of the photo (a full search would count smaller ones too)
+    assert summary["faces"][1]["faces_counted_from_px"] == 80
     for face in summary["faces"]:
         assert Image.open(face["crop"]).size == (112, 112)
     with safe_open(summary["embedding"]["file"], "pt") as fh:

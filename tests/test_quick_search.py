@@ -89,6 +89,25 @@ def test_quick_search_picks_the_full_searchs_face(detector, t1):
         assert a.attempt == b.attempt, name
         assert quick.detector.calls[0] == "quick 40" and "quick" not in " ".join(full.detector.calls), name
     assert quick.detector.calls == ["quick 40"]  # the last photo settled by the quick search alone
+    assert b.counted_from == pytest.approx(40.0 * max(photo.shape[:2]) / min(640, max(photo.shape[:2])))
+
+
+@pytest.mark.parametrize("width", [403, 442, 454, 466, 487, 520, 601])
+def test_faces_near_the_quick_size_pick_the_full_searchs_face(detector, t1, width):
+    """t1.jpg at widths where its faces are 37-55 px of the detection copy, near quick_min_face: the sizes
+    where an earlier quick search (finest level skipped less safely, largest face judged by its short
+    side) picked another person or a box 13% off. Whichever search settles it, the face is the full
+    search's; when the quick one did, counted_from says from what size faces were counted."""
+    photo = _sized(t1, width)
+    full = FacePipeline(detector, quick_min_face=None).process_one(photo)
+    got = FacePipeline(detector).process_one(photo)
+    assert _iou(got.detection.box, full.detection.box) > 0.99, (width, got.detection.box, full.detection.box)
+    assert np.abs(got.detection.landmarks - full.detection.landmarks).max() < 0.01 * full.detection.short_side
+    assert full.counted_from == 0.0
+    if got.counted_from:
+        assert got.counted_from == pytest.approx(40.0) and got.num_faces <= full.num_faces
+    else:
+        assert got.num_faces == full.num_faces
 
 
 def test_small_faces_fall_back_to_the_full_search(detector, t1):
@@ -100,7 +119,7 @@ def test_small_faces_fall_back_to_the_full_search(detector, t1):
     got = FacePipeline(spy).process_one(small)
     full = FacePipeline(detector, quick_min_face=None).process_one(small)
     assert spy.calls == ["quick 40", "full"]
-    assert got.num_faces == full.num_faces == 6
+    assert got.num_faces == full.num_faces == 6 and got.counted_from == 0.0
     np.testing.assert_array_equal(got.detection.landmarks, full.detection.landmarks)
     assert got.detection.box == full.detection.box
 
@@ -129,14 +148,14 @@ def test_other_choices_search_every_face(detector, t1):
 
 def test_detect_at_least_skips_only_smaller_faces(detector, t1):
     """The MTCNN's own contract: faces at or over min_face come out as detect() finds them; a min_face
-    over every face finds none; min_face is checked."""
+    far over every face (whose levels' windows are over 3x the faces) finds none; min_face is checked."""
     full = detector.detect(t1)
     at_least = detector.detect_at_least(t1, 60)  # t1's faces are 95-140 px
     assert len(full) == len(at_least) == 6
     for d in full:
         match = max(at_least, key=lambda e: _iou(e.box, d.box))
         assert _iou(match.box, d.box) > 0.99 and np.abs(match.landmarks - d.landmarks).max() < 0.01 * d.short_side
-    assert detector.detect_at_least(t1, 400) == []
+    assert detector.detect_at_least(t1, 1000) == []
     with pytest.raises(ValueError, match="min_face must be > 0 px, got -1"):
         detector.detect_at_least(t1, -1)
 
