@@ -125,7 +125,7 @@ class FacePipeline:
     identity photo asks) and the detector can skip small faces (``detect_at_least``, the built-in MTCNN),
     each attempt first searches only for faces of this many px of the detection copy and up (6% of its
     640 px; MTCNN then skips its finest pyramid level and the small candidates it proposes: detection
-    1.2-1.5x faster in bench/encode.py). The result is taken
+    1.1-1.5x faster in bench/encode.py). The result is taken
     when its largest face is at least that big and clearly larger (1.2x the area) than every smaller
     face it found, whose boxes the full search may draw ~10% larger: then it is the full search's
     largest face, with the same box. Otherwise the full search runs, so no face is lost.
