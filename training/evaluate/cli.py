@@ -35,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for images/, summary.md, summary.csv, images.csv and the grids")
+    p.add_argument("--scale", type=float, default=1.0, help="S* strength (encoder only)")
+    add_protocol_args(p)
+    p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page (grid.png, grid-002.png, ...)")
+    p.add_argument("--shard", type=int, default=0, help="this process's shard of the (face, prompt) units")
+    p.add_argument("--num-shards", type=int, default=1, help="processes sharing the evaluation (e.g. one per GPU; "
+                                                             "the last to finish writes the summary)")
+    add_runtime_args(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The paper's protocol settings and the scorers, shared with ``python -m training.evaluate_identities``."""
     p.add_argument("--face-model", type=Path, required=True,
                    help="arcface_torch ViT .pt/.safetensors or insightface glintr100.onnx / w600k_r50.onnx")
     p.add_argument("--clip-model", type=Path, required=True, help="transformers CLIPModel folder (ViT-B/32 in the "
@@ -45,14 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="each image's seed is derived from this, its face and its prompt")
     p.add_argument("--trigger", default="S*", help="the word that S* replaces in every prompt")
     p.add_argument("--neutral", default="a person", help="replaces the trigger in the text CLIP scores")
-    p.add_argument("--scale", type=float, default=1.0, help="S* strength (encoder only)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
     p.add_argument("--height", type=int, help="image height (default: the base model's native size)")
     p.add_argument("--width", type=int, help="image width (default: the base model's native size)")
-    p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page (grid.png, grid-002.png, ...)")
-    p.add_argument("--shard", type=int, default=0, help="this process's shard of the (face, prompt) units")
-    p.add_argument("--num-shards", type=int, default=1, help="processes sharing the evaluation (e.g. one per GPU; "
-                                                             "the last to finish writes the summary)")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Where it runs and which face detector it uses, shared with ``python -m training.evaluate_identities``."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--detector", default="mtcnn", choices=detector_names())
@@ -60,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default="auto")
     p.add_argument("--detect-retry", action=argparse.BooleanOptionalAction, default=True,
                    help="retry images without a face at other sizes and padded")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,10 +24,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
+from dreamid_core import FacePipeline, load_encoder, make_detector
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 
 from . import protocol as ev
+from .cli import add_protocol_args, add_runtime_args
 from .identity_sources import EncoderIdentity, LearnedIdentitySource
 from .report import fmt_score
 
@@ -73,26 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=ev.EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")
     p.add_argument("--out", type=Path, required=True,
                    help="folder: OUT/NAME/ per method (its images and tables), OUT/comparison.md and .csv")
-    p.add_argument("--face-model", type=Path, required=True,
-                   help="arcface_torch ViT .pt/.safetensors or insightface glintr100.onnx / w600k_r50.onnx")
-    p.add_argument("--clip-model", type=Path, required=True,
-                   help="transformers CLIPModel folder (ViT-B/32 in the literature)")
-    p.add_argument("--images-per-prompt", type=int, default=4, help="images per (face, prompt); the paper: 4")
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; the paper: 7.5")
-    p.add_argument("--seed", type=int, default=0, help="each image's seed is derived from this, its face and its prompt")
-    p.add_argument("--trigger", default="S*", help="the word that S* replaces in every prompt")
-    p.add_argument("--neutral", default="a person", help="replaces the trigger in the text CLIP scores")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
-    p.add_argument("--height", type=int, help="image height (default: the base model's native size)")
-    p.add_argument("--width", type=int, help="image width (default: the base model's native size)")
+    add_protocol_args(p)
     p.add_argument("--grid-rows", type=int, default=16, help="rows per grid page")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--detector", default="mtcnn", choices=detector_names())
-    p.add_argument("--insightface-root", type=Path)
-    p.add_argument("--provider", default="auto")
-    p.add_argument("--detect-retry", action=argparse.BooleanOptionalAction, default=True)
+    add_runtime_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
