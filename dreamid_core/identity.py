@@ -49,6 +49,32 @@ class IdentityEmbeds:
         return vec
 
 
+FAMILY_KEYS = "SD1.x: clip_l 768, SD2.x: clip_h 1024, SDXL: clip_l 768 + clip_g 1280"
+
+
+def fit_parts(parts: dict[str, torch.Tensor], widths: dict[str, int], what: str = "this identity",
+              where: str = "this CLIP") -> dict[str, torch.Tensor]:
+    """The parts of an identity that a text-encoder set reads: one ``[k, D]`` (or ``[..., k, D]``) per key of
+    ``widths`` (``{"clip_l": 768, ...}``), with the width that key takes. This is THE rule of the pack for
+    "does this identity fit this text encoder", as ComfyUI's ``embedding:NAME`` applies it: a part for every
+    encoder is required, parts for other encoders are ignored (an SDXL identity works on SD1.x through its
+    ``clip_l`` half). Raises :class:`IncompatibleEncoderError` naming the keys and widths otherwise."""
+    missing = [k for k in widths if k not in parts]
+    if missing:
+        raise IncompatibleEncoderError(
+            f"{what} holds vectors for {sorted(parts)}, but {where} needs {sorted(widths)} (no {', '.join(missing)}). "
+            f"Use an identity made for this model family ({FAMILY_KEYS}).")
+    out = {}
+    for key, width in widths.items():
+        t = parts[key]
+        if t.ndim < 2 or t.shape[-1] != width or t.shape[-2] < 1:
+            raise IncompatibleEncoderError(
+                f"{what}: its {key} vectors have shape {tuple(t.shape)}, but {where}'s {key} word embeddings are "
+                f"{width} wide. Use an identity made for this checkpoint's text encoder ({FAMILY_KEYS}).")
+        out[key] = t
+    return out
+
+
 def _file_name(path: str | None) -> str | None:
     """Only the encoder's file name: the metadata of a shared embedding must not reveal server paths."""
     return PurePath(str(path).replace("\\", "/")).name if path else None

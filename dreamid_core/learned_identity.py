@@ -43,11 +43,12 @@ from .embedding_io import embedding_parts, embedding_tensors, read_embedding_fil
 from .errors import ConfigError, WeightFormatError
 from .fileio import atomic_save_safetensors
 from .identity import IdentityEmbeds
-from .stages import STAGE_KINDS
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("words", "per_stage")
+#: how a per-stage identity picks its stage: by denoising time or by UNet block (dreamid_core.learning.stages)
+STAGE_KINDS = ("time", "unet")
 IDENTITY_FORMAT_VERSION = 1
 META_KEY = "dreamid_identity"
 KV_INDEX = {"key": 0, "value": 1, 0: 0, 1: 1}

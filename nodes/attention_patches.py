@@ -5,19 +5,24 @@
   key / value prompt encodings (length repeated like ComfyUI's own cond batching, dtype and device of the
   context it replaces). The stage comes from the step's sigma (``stage_kind="time"``) or the UNet block
   (``"unet"``), through ``dreamid_core.stages``.
-- :class:`AttentionRecorder` (``set_model_attn2_replace`` on every cross-attention block): computes
-  ``softmax(q k^T) v`` with ``dreamid_core.attention_loss`` and keeps the probability maps of layers
-  with at most ``max_queries`` queries while ``recording`` is on, for the attention loss and face mass.
+- :class:`TrainKV` (``set_model_attn2_patch``, identity learning): every cross-attention of the batch
+  reads the learner's key / value contexts: ``[1, B, L, C]`` (one per row, for every layer) or
+  ``[S, B, L, C]`` (each layer its UNet block's stage); nothing while none are set.
+- :class:`AttentionRecorder` (``set_model_attn2_replace`` on every cross-attention block): while
+  ``recording``, layers with at most ``max_queries`` queries compute ``softmax(q k^T) v`` explicitly with
+  ``dreamid_core.learning.attention_loss`` and keep the probability maps (while ``collecting``), for
+  the attention loss and face mass; every other call is ComfyUI's own ``optimized_attention``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import comfy.ldm.modules.attention as comfy_attention
 import torch
 
-from ..dreamid_core.attention_loss import attention_output, attention_probs
-from ..dreamid_core.stages import UNetLayout, layout_from_unet_config, stage_for_block, stage_for_timestep
+from ..dreamid_core.learning.attention_loss import attention_output, attention_probs
+from ..dreamid_core.learning.stages import UNetLayout, layout_from_unet_config, stage_for_block, stage_for_timestep
 
 
 def attention_blocks(model_patcher) -> list[tuple[str, int]]:
@@ -106,20 +111,49 @@ class PerStagePatch:
         return n, torch.cat(ks), torch.cat(vs)
 
 
-class AttentionRecorder:
-    """attn2_replace: attention computed from probabilities, maps kept while ``recording``."""
+class TrainKV:
+    """attn2_patch: the learner's per-stage key / value contexts (see the module docstring)."""
 
-    def __init__(self, max_queries: int = 1024) -> None:
+    def __init__(self, model_patcher) -> None:
+        self.layout = unet_layout(model_patcher)
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def set(self, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        self.keys, self.values = keys, values
+
+    def clear(self) -> None:
+        self.keys = self.values = None
+
+    def __call__(self, n, context_attn2, value_attn2, extra_options):
+        if self.keys is None:
+            return n, context_attn2, value_attn2
+        s = 0 if self.keys.shape[0] == 1 else stage_for_block(tuple(extra_options["block"][:2]), self.keys.shape[0],
+                                                              self.layout)
+        return n, _fit(self.keys[s], context_attn2), _fit(self.values[s], context_attn2)
+
+
+class AttentionRecorder:
+    """attn2_replace: explicit attention maps while recording, ComfyUI's attention otherwise."""
+
+    def __init__(self, max_queries: int | None = 1024) -> None:
         self.max_queries = max_queries
-        self.recording = False
+        self.recording = False  # compute the recorded layers explicitly (kept through a checkpoint recompute)
+        self.collecting = False  # and keep their maps
         self.maps: list[torch.Tensor] = []  # [B, heads, HW, T] per recorded layer call
+
+    def start(self, record: bool) -> None:
+        self.maps = []
+        self.recording = self.collecting = bool(record)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        probs = attention_probs(q, k, heads)  # [B, heads, HW, T] float32
-        if self.recording and q.shape[1] <= self.max_queries:
-            self.maps.append(probs)
-        return attention_output(probs, v, heads)
+        if self.recording and (self.max_queries is None or q.shape[1] <= self.max_queries):
+            probs = attention_probs(q, k, heads)  # [B, heads, HW, T] float32
+            if self.collecting:
+                self.maps.append(probs)
+            return attention_output(probs, v, heads)
+        return comfy_attention.optimized_attention(q, k, v, heads)
 
     def take(self) -> list[torch.Tensor]:
         maps, self.maps = self.maps, []

@@ -1,31 +1,36 @@
 """DreamID_LearnIdentity: learn an identity in minutes on the user's own checkpoint (Beyond Inserting's
 face-wise attention loss and per-stage K/V tokens; E4T-style init from the encoder when one is given).
 
-Runs the way ComfyUI's TrainLoraNode does: ``torch.inference_mode(False)``, clones of MODEL and CLIP
-(the inputs never change), ``load_models_gpu``, ComfyUI's devices, a ProgressBar step and an interruption
-check per step; on Cancel or an error nothing is left on the models (``try/finally``).
+The node only adapts: every cheap input is checked first (before a photo is looked at), then the
+learner of ``dreamid_core.learning`` runs on :class:`~.learn_host.ComfyHost` (clones of MODEL and CLIP,
+nothing left on them afterwards, also on Cancel or an error), with a ProgressBar step and an
+interruption check per step. The generation prompt is not an input: a new prompt must not re-run
+the learning (connect ``identity`` to DreamID_ApplyPerStageIdentity, or ``id_embeds`` to
+DreamID_InjectIDTokens, to write it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 
 import comfy.model_management as mm
 import comfy.utils
 import torch
 
 from ..dreamid_core.detectors import make_detector
-from ..dreamid_core.errors import IncompatibleEncoderError
-from ..dreamid_core.faces import FacePipeline
-from ..dreamid_core.identity import encode_identity
-from ..dreamid_core.learned_identity import LAYOUTS, IdentityConfig, LearnedIdentity
-from ..dreamid_core.learning import LearnSettingsError, check_learn_settings, tile_tokens
-from ..dreamid_core.stages import STAGE_KINDS
+from ..dreamid_core.faces import ON_MISSING, FacePipeline
+from ..dreamid_core.identity import fit_parts, parts_from_crops
+from ..dreamid_core.learned_identity import LAYOUTS, STAGE_KINDS, IdentityConfig
+from ..dreamid_core.learning import (
+    IdentityLearner,
+    LearnSettingsError,
+    RunOptions,
+    check_settings,
+    from_word_rows,
+)
 from .comfy_tokens import tokenizer_keys
-from .identity_nodes import apply_per_stage, representative_embeds
-from .learn_loop import Learner, PromptSide, checkpointed_blocks, prepare_photos
+from .identity_nodes import representative_embeds
+from .learn_host import ComfyHost, encode_photos
 from .loss_plot import loss_curve_image
 from .validation import NodeInputError, require_finite
 
@@ -58,20 +63,38 @@ def check_models(model, clip, vae) -> str:
     keys = tuple(sorted(tokenizer_keys(clip)))
     family = FAMILIES.get(keys, "unknown")
     want = model.model.model_config.unet_config.get("context_dim")
-    cond, _ = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-    if want is not None and int(cond.shape[-1]) != int(want):
+    widths = {k: getattr(clip.cond_stage_model, f"clip_{k}").transformer.get_input_embeddings().weight.shape[1]
+              for k in keys}
+    got = sum(widths.values())
+    if want is not None and int(got) != int(want):
         raise NodeInputError(
             f"{NODE}: the MODEL ({type(model.model.model_config).__name__}) expects text features {want} wide, but "
-            f"this CLIP ({family}, {type(clip.cond_stage_model).__name__}) gives {cond.shape[-1]}. Connect the MODEL "
+            f"this CLIP ({family}, {type(clip.cond_stage_model).__name__}) gives {got}. Connect the MODEL "
             "and CLIP of the same checkpoint (SD1.x 768, SD2.x 1024, SDXL 2048).")
     return family
 
 
-def _check_parts(parts: dict, clip, source: str) -> None:
-    want = {f"clip_{k}" for k in tokenizer_keys(clip)}
-    if set(parts) != want:
-        raise IncompatibleEncoderError(f"{NODE}: the {source} is for {sorted(parts)}, but this CLIP has "
-                                       f"{sorted(want)}. Use one made for this model family.")
+def _start(host: ComfyHost, faces, encoder, init_identity, init_word: str, k: int):
+    """(start vectors, init label): an identity > the encoder's S* of the photos > the init word."""
+    widths = {key: int(v.shape[-1]) for key, v in host.word_embeddings("person").items()}
+    if init_identity is not None:
+        parts = fit_parts(init_identity.parts, widths, f"{NODE}: the init identity", "this CLIP")
+        return parts, "file:" + str(init_identity.info.get("source") or "init_identity")
+    if encoder is not None:
+        mm.load_models_gpu([encoder.patcher])
+        parts = parts_from_crops(encoder.patcher.model, torch.stack([f.crop for f in faces]),
+                                 device=encoder.patcher.load_device)
+        return fit_parts(parts, widths, f"{NODE}: the encoder {encoder.name!r}", "this CLIP"), "encoder"
+    return from_word_rows(_word_rows(host, init_word, "init_word"), k), f"word:{init_word}"
+
+
+def _word_rows(host: ComfyHost, word: str, name: str) -> dict[str, torch.Tensor]:
+    if not isinstance(word, str) or not word.strip():
+        raise NodeInputError(f"{NODE}: {name} is empty; write an ordinary word such as 'person'.")
+    try:
+        return host.word_embeddings(word.strip())
+    except ValueError as exc:
+        raise NodeInputError(f"{NODE}: {name}={word!r}: {exc}") from exc
 
 
 class DreamIDLearnIdentity:
@@ -79,7 +102,9 @@ class DreamIDLearnIdentity:
                    "style tokens plus the face-wise attention loss (the tokens attend to the face, not the layout), "
                    "as k words or as per-stage key/value pairs. With an encoder connected it starts from the "
                    "encoder's S* (fast); otherwise from the init word. Attention weight 0 + words = plain textual "
-                   "inversion. The MODEL and CLIP given are never changed.")
+                   "inversion. The MODEL and CLIP given are never changed. Generate with the identity through "
+                   "DreamID_ApplyPerStageIdentity (or id_embeds through DreamID_InjectIDTokens): changing that "
+                   "prompt does not learn again.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -100,7 +125,8 @@ class DreamIDLearnIdentity:
                     "token pairs per stage (more faithful; apply with DreamID_ApplyPerStageIdentity).")}),
                 "num_tokens": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": (
                     "k, tokens per identity (ignored with an encoder or init identity: theirs is used).")}),
-                "init_word": ("STRING", {"default": "person", "tooltip": "Start from this word's embedding."}),
+                "init_word": ("STRING", {"default": "person", "tooltip": (
+                    "Start from this word's embedding (a word of k tokens: its tokens; otherwise their mean).")}),
                 "class_word": ("STRING", {"default": "person", "tooltip": (
                     "The reference prompt's word ('a photo of person'): the attention loss keeps the other words' "
                     "maps as with it and pulls the identity's attention into the face.")}),
@@ -109,9 +135,9 @@ class DreamIDLearnIdentity:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": (
                     "Photos (augmented) per step; 1 fits artists' cards.")}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": (
-                    "Seeds the augmentation, timesteps and noise: the same seed gives the same identity.")}),
+                    "Seeds the augmentation, prompts, timesteps and noise: the same seed gives the same identity.")}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Recompute UNet activations in the backward pass: less memory, more time.")}),
+                    "Recompute UNet blocks and text encodings in the backward pass: less memory, ~30 % more time.")}),
             },
             "optional": {
                 "encoder": ("DREAMID_ENCODER", {"tooltip": "Init from the encoder's S* (E4T style) and use its "
@@ -121,90 +147,65 @@ class DreamIDLearnIdentity:
                 "stage_kind": (list(STAGE_KINDS), {"default": "time", "tooltip": (
                     "per_stage: time = equal bins of denoising time (same for every model family); unet = by UNet "
                     "block (input levels, middle, output levels).")}),
-                "prompt": ("STRING", {"multiline": True, "default": "a photo of S*, looking at the camera, detailed face",
-                                      "tooltip": "The generation prompt for the MODEL/positive outputs."}),
-                "trigger": ("STRING", {"default": "S*", "tooltip": "The identity's word in that prompt."}),
+                "offload": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Keep as few weights as possible on the GPU; ComfyUI streams them layer by layer (the lowest "
+                    "memory, slower). With gradient_checkpointing: SDXL at 1024 px on 12 GB cards.")}),
+                "on_missing": (list(ON_MISSING), {"default": "error", "tooltip": (
+                    "A photo without a face: error (stop and name it) or skip it (listed in the summary).")}),
             },
         }
 
-    RETURN_TYPES = ("DREAMID_IDENTITY", "DREAMID_EMBEDS", "MODEL", "CONDITIONING", "IMAGE")
-    RETURN_NAMES = ("identity", "id_embeds", "model", "positive", "loss_curve")
-    OUTPUT_TOOLTIPS = ("The learned identity (for DreamID_SaveLearnedIdentity / ApplyPerStageIdentity).",
+    RETURN_TYPES = ("DREAMID_IDENTITY", "DREAMID_EMBEDS", "IMAGE")
+    RETURN_NAMES = ("identity", "id_embeds", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The learned identity (for DreamID_ApplyPerStageIdentity / DreamID_SaveLearnedIdentity).",
                        "S* for InjectIDTokens / SaveIDEmbedding (per_stage: the first sampling stage's keys).",
-                       "words: the input MODEL; per_stage: a clone with the per-stage patch for the prompt.",
-                       "The prompt encoded with the identity, for the sampler.",
                        "Loss per step (log scale).")
     FUNCTION = "learn"
     CATEGORY = CATEGORY
 
     def learn(self, model, clip, vae, image, steps, learning_rate, attention_loss_weight, layout, num_tokens,
               init_word, class_word, resolution, batch_size, seed, gradient_checkpointing, encoder=None,
-              init_identity=None, num_stages=5, stage_kind="time",
-              prompt="a photo of S*, looking at the camera, detailed face", trigger="S*"):
+              init_identity=None, num_stages=5, stage_kind="time", offload=False, on_missing="error"):
         require_finite(NODE, learning_rate=learning_rate, attention_loss_weight=attention_loss_weight)
+        family = check_models(model, clip, vae)
+        config = IdentityConfig(layout=layout, num_tokens=num_tokens, num_stages=num_stages, stage_kind=stage_kind,
+                                target=family, init=f"word:{init_word}", class_word=str(class_word).strip(),
+                                steps=steps, lr=learning_rate, attn_weight=attention_loss_weight, seed=seed,
+                                resolution=resolution)
+        options = RunOptions(batch_size=batch_size, gradient_checkpointing=bool(gradient_checkpointing))
+        host = ComfyHost(model, clip, gradient_checkpointing=bool(gradient_checkpointing), offload=bool(offload),
+                         max_queries=options.max_queries)
         try:
-            check_learn_settings(steps=steps, lr=learning_rate, attn_weight=attention_loss_weight, batch=batch_size,
-                                 resolution=resolution)
+            check_settings(config, options, host.resolution_multiple)
         except LearnSettingsError as exc:
             raise NodeInputError(f"{NODE}: {exc}") from exc
-        family = check_models(model, clip, vae)
-        pipeline = _face_pipeline(encoder)
-        ident, history, final = self._run(model, clip, vae, image, pipeline, encoder, init_identity, IdentityConfig(
-            layout=layout, num_tokens=num_tokens, num_stages=num_stages, stage_kind=stage_kind, target=family,
-            init=f"word:{init_word}", class_word=class_word, steps=steps, lr=learning_rate,
-            attn_weight=attention_loss_weight, seed=seed, resolution=resolution), batch_size, gradient_checkpointing)
-        out_model, positive = (apply_per_stage(model, clip, ident, prompt, trigger) if layout == "per_stage"
-                               else (model, apply_per_stage(model, clip, ident, prompt, trigger)[1]))
-        notes = [f"{steps} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, "
-                 f"face attention {final['face_mass']:.3f}"]
-        return {"ui": {"text": notes}, "result": (ident, representative_embeds(ident), out_model, positive,
-                                                   loss_curve_image(history))}
+        _word_rows(host, class_word, "class_word")
+        if init_identity is None and encoder is None:
+            _word_rows(host, init_word, "init_word")
+        cancel = mm.throw_exception_if_processing_interrupted
+        bar = comfy.utils.ProgressBar(steps)
+        history = []
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                pipeline = _face_pipeline(encoder)
+                report = pipeline.process(image, on_missing=on_missing, callback=lambda i, n: cancel())
+                start, source = _start(host, report.faces, encoder, init_identity, init_word, num_tokens)
+                config.init, config.num_tokens = source, int(next(iter(start.values())).shape[-2])
+                photos = encode_photos(vae, host, image, report.faces, resolution, cancel)
+                with host:
+                    learner = IdentityLearner(host, photos, config, start, options)
 
-    def _init_parts(self, clip, image, encoder, init_identity, prompts: PromptSide, config: IdentityConfig):
-        if init_identity is not None:
-            _check_parts(init_identity.parts, clip, "init identity")
-            return init_identity.parts, "file:" + str(init_identity.info.get("source") or "init_identity")
-        if encoder is not None:
-            mm.load_models_gpu([encoder.patcher])
-            embeds, _ = encode_identity(encoder.patcher.model, encoder.pipeline, image, device=encoder.patcher.load_device)
-            _check_parts(embeds.parts, clip, f"encoder {encoder.name!r}")
-            return embeds.parts, "encoder"
-        word = config.init.split(":", 1)[1]
-        return {k: tile_tokens(v, config.num_tokens) for k, v in prompts.word_vectors(word).items()}, config.init
+                    def on_step(i, stats):
+                        history.append({"loss": stats.loss, "diffusion": stats.diffusion,
+                                        "attention": stats.attention})
+                        bar.update_absolute(i + 1, steps)
 
-    def _run(self, model, clip, vae, image, pipeline, encoder, init_identity, config, batch, checkpointing):
-        bar = comfy.utils.ProgressBar(config.steps)
-        learner = None
-        history: list[dict[str, float]] = []
-        with torch.inference_mode(False), torch.enable_grad():
-            try:
-                photos = prepare_photos(vae, model, image.clone(), pipeline, config.resolution)
-                init, source = self._init_parts(clip, image.clone(), encoder, init_identity, PromptSide(clip, "person"),
-                                                config)
-                k = next(iter(init.values())).shape[0]
-                config = dataclasses.replace(config, init=source, num_tokens=k)
-                learner = Learner(model, clip, photos, config, init, batch=batch)
-                mm.load_models_gpu([learner.mp, learner.clip.patcher])
-                initial = learner.measure()
-                with checkpointed_blocks(learner.mp, checkpointing):
-                    for i in range(config.steps):
-                        mm.throw_exception_if_processing_interrupted()
-                        history.append(learner.step(i))
-                        if not math.isfinite(history[-1]["loss"]):
-                            raise LearnSettingsError(
-                                f"{NODE}: the loss became {history[-1]['loss']} at step {i + 1}; lower learning_rate "
-                                f"(now {config.lr}) or attention_loss_weight.")
-                        bar.update_absolute(i + 1, config.steps)
-                    final = learner.measure()
-                vectors = learner.vectors()
-            finally:
-                if learner is not None:
-                    learner.close()
-                mm.soft_empty_cache()
-        config.extra = {"initial_diffusion_loss": initial["diffusion"], "initial_face_mass": initial["face_mass"],
-                        "final_diffusion_loss": final["diffusion"], "face_mass": final["face_mass"],
-                        "num_photos": int(photos.latents.shape[0])}
-        ident = LearnedIdentity.words(vectors, config) if config.layout == "words" else LearnedIdentity(config, vectors)
-        logger.info("DreamIdentity learned a %s identity: %d steps, loss %.4f -> %.4f, face attention %.3f",
-                    config.layout, config.steps, history[0]["loss"], history[-1]["loss"], final["face_mass"])
-        return ident, history, final
+                    result = learner.run(on_step=on_step, cancel=cancel)
+        finally:
+            mm.soft_empty_cache()
+        ident = result.identity
+        skipped = [i for i, _ in report.skipped]
+        notes = [f"{steps} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, face attention "
+                 f"{result.initial.face_mass:.3f} -> {result.final.face_mass:.3f}, {len(photos)} photo(s)"
+                 + (f", skipped photos {skipped} (no face)" if skipped else "")]
+        return {"ui": {"text": notes}, "result": (ident, representative_embeds(ident), loss_curve_image(history))}

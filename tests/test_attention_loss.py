@@ -1,4 +1,4 @@
-"""dreamid_core.attention_loss: attention probabilities and the face-wise attention loss."""
+"""dreamid_core.learning.attention_loss: attention probabilities and the face-wise attention loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamid_core.attention_loss import (
+from dreamid_core.learning.attention_loss import (
     attention_output,
     attention_probs,
     face_attention_loss,

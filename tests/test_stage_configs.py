@@ -9,9 +9,9 @@ pytest.importorskip("diffusers")
 
 from dreamid_core import ConfigError, DreamIDError  # noqa: E402
 from dreamid_core.learned_identity import IdentityConfig  # noqa: E402
+from dreamid_core.learning import RunOptions, check_settings  # noqa: E402
 from training.build_dataset.steps import BuildConfig  # noqa: E402
 from training.evaluate.protocol import EvalConfig  # noqa: E402
-from training.learn_identity.loop import RunOptions, check_config  # noqa: E402
 from training.train.config import ExperimentConfig  # noqa: E402
 
 CASES = {
@@ -30,11 +30,11 @@ CASES = {
     "evaluate shards": (lambda out: EvalConfig(out=out, num_shards=0), r"--num-shards.*0"),
     "learn layout": (lambda out: IdentityConfig(layout="grid"), r"layout.*'grid'"),
     "learn stages": (lambda out: IdentityConfig(num_stages=0), r"num_stages.*0"),
-    "learn steps": (lambda out: check_config(IdentityConfig(steps=0), RunOptions()), r"steps.*0"),
-    "learn lr": (lambda out: check_config(IdentityConfig(steps=10, lr=float("nan")), RunOptions()), r"learning rate.*nan"),
-    "learn batch": (lambda out: check_config(IdentityConfig(steps=10), RunOptions(batch_size=0)), r"batch size.*0"),
-    "learn resolution": (lambda out: check_config(IdentityConfig(steps=10, resolution=500), RunOptions()),
-                         r"resolution.*500"),
+    "learn steps": (lambda out: check_settings(IdentityConfig(steps=0), RunOptions()), r"steps=0"),
+    "learn lr": (lambda out: check_settings(IdentityConfig(steps=10, lr=float("nan")), RunOptions()), r"learning_rate=NaN"),
+    "learn batch": (lambda out: check_settings(IdentityConfig(steps=10), RunOptions(batch_size=0)), r"batch_size=0"),
+    "learn resolution": (lambda out: check_settings(IdentityConfig(steps=10, resolution=500), RunOptions()),
+                         r"resolution=500"),
 }
 
 
@@ -50,4 +50,4 @@ def test_the_defaults_of_every_stage_are_valid(tmp_path):
     ExperimentConfig(random_backbone=True)
     BuildConfig(out=tmp_path)
     EvalConfig(out=tmp_path)
-    check_config(IdentityConfig(steps=1), RunOptions())
+    check_settings(IdentityConfig(steps=1), RunOptions())

@@ -1,10 +1,10 @@
-"""dreamid_core.stages: which per-stage token pair a cross-attention call uses."""
+"""dreamid_core.learning.stages: which per-stage token pair a cross-attention call uses."""
 
 from __future__ import annotations
 
 import pytest
 
-from dreamid_core.stages import (
+from dreamid_core.learning.stages import (
     UNET_LAYOUTS,
     UNetLayout,
     layout_from_unet_config,

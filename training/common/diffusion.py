@@ -7,14 +7,11 @@ of what makes a resumed run equal an uninterrupted one (the other half is the sa
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from dreamid_core.learning.seeding import step_generator
 
-def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
-    """A CPU generator for one micro-step, independent of every other micro-step's."""
-    state = np.random.SeedSequence([int(seed), int(step), int(micro), int(rank)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+__all__ = ["base_vae_factor", "diffusion_target", "sdxl_time_ids", "step_generator"]
 
 
 def sdxl_time_ids(batch: int, resolution: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -27,11 +27,10 @@ import torch
 
 from dreamid_core import IncompatibleEncoderError, WeightFormatError
 from dreamid_core.embedding_io import read_embedding
-from dreamid_core.identity import parts_from_crops
+from dreamid_core.identity import fit_parts, parts_from_crops
 from dreamid_core.learned_identity import load_learned_identity
 
 from ..common.prompt_encoding import PART_FOR_ENCODER
-from ..learn_identity.init import check_widths
 
 
 class EncoderIdentity:
@@ -105,7 +104,7 @@ class LearnedIdentitySource:
             raise FileNotFoundError(f"identity file or folder not found: {path}")
         loaded = {f: load_learned_identity(f, single_key=single) for f in ({path} if self.fixed else set(files.values()))}
         for f, ident in loaded.items():
-            check_widths(ident.tensors, widths, f"identity {f.name}")
+            ident.tensors = fit_parts(ident.tensors, widths, f"identity {f.name}", "the base model")
         kinds = {(i.layout, i.num_tokens, i.config.num_stages if i.layout == "per_stage" else 1,
                   i.config.stage_kind if i.layout == "per_stage" else "-") for i in loaded.values()}
         if len(kinds) != 1:

@@ -7,7 +7,7 @@ One :class:`IdentityAttention` holds the state every processor of one UNet reads
   projection of cross-attention reads ``keys[stage]``, the value projection ``values[stage]``,
   instead of the UNet's ``encoder_hidden_states``. None: the ordinary context (words layout).
 - the stage of each call: ``stage_kind="time"`` — per batch row from the timestep the UNet is
-  called with (a forward pre-hook on the UNet, :func:`dreamid_core.stages.stage_for_timestep`);
+  called with (a forward pre-hook on the UNet, :func:`dreamid_core.learning.stages.stage_for_timestep`);
   ``"unet"`` — per layer from its block (``down_blocks[i]`` -> ("input", i), ``mid_block`` ->
   ("middle", 0), ``up_blocks[i]`` -> ("output", levels - 1 - i), :func:`stage_for_level`).
 - ``record()``: while active each cross-attention layer appends ``(name, probs)`` to ``records``,
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dreamid_core.stages import STAGE_KINDS, UNetLayout, stage_for_level, stage_for_timestep
+from dreamid_core.learning.stages import STAGE_KINDS, UNetLayout, stage_for_level, stage_for_timestep
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
@@ -223,13 +223,3 @@ def install(unet, *, num_stages: int = 1, stage_kind: str = "time",
         unet.set_attn_processor(before)
 
     return state, uninstall
-
-
-def layer_resolution(probs: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of a recorded map ``[N, heads, HW, L]`` for a latent of ``latent_hw``."""
-    hw = probs.shape[2]
-    h, w = latent_hw
-    factor = round((h * w / hw) ** 0.5)
-    if factor < 1 or (h // factor) * (w // factor) != hw:
-        raise ValueError(f"attention map of {hw} positions does not tile a {h}x{w} latent")
-    return h // factor, w // factor

@@ -16,21 +16,23 @@ identity is a standard textual-inversion ``.safetensors`` (``embedding:NAME`` in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dreamid_core import FacePipeline, detector_names, make_detector
+from dreamid_core import ConfigError, FacePipeline, detector_names, make_detector
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
-from dreamid_core.learned_identity import LAYOUTS, IdentityConfig, save_learned_identity
-from dreamid_core.stages import STAGE_KINDS
+from dreamid_core.learned_identity import LAYOUTS, STAGE_KINDS, IdentityConfig, save_learned_identity
+from dreamid_core.learning import IdentityLearner, LearnResult, RunOptions, check_settings
 
 from .data import detect_faces, encode_photos, photo_paths
-from .init import as_layout, from_encoder, from_file, from_word
-from .loop import IdentityLearner, LearnResult, RunOptions, check_config
+from .host import DiffusersHost
+from .init import from_encoder, from_file, from_word
 
 logger = logging.getLogger("training.learn_identity")
 
@@ -60,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400, help="optimisation steps (a few hundred learn an identity)")
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the identity's vectors")
     p.add_argument("--attn-weight", type=float, default=0.003, help="face-wise attention loss (0 = plain TI)")
-    p.add_argument("--seed", type=int, default=0, help="each image's seed is derived from this, its face and its prompt")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seeds the augmentation, prompts, timesteps and noise: the same "
+                                                        "seed gives the same identity")
+    p.add_argument("--resolution", type=int, help="training size in px (default: the base model's own: its UNet's "
+                                                  "sample size x the VAE factor, e.g. 512 SD1.5, 768 SD2.x-768, "
+                                                  "1024 SDXL)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="flip and scale/crop jitter")
     p.add_argument("--scale-jitter", type=float, default=0.1)
@@ -105,54 +110,85 @@ def run(args: argparse.Namespace) -> LearnResult:
     out = args.out if args.out.suffix == ".safetensors" else args.out.with_name(args.out.name + ".safetensors")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    cfg_probe = IdentityConfig(layout=args.layout, num_tokens=args.num_tokens or 2, num_stages=args.num_stages,
-                               stage_kind=args.stage_kind, steps=args.steps, lr=args.lr, attn_weight=args.attn_weight,
-                               resolution=args.resolution)
-    check_config(cfg_probe, RunOptions(batch_size=args.batch_size, scale_jitter=args.scale_jitter))  # before loading
+    opts = RunOptions(batch_size=args.batch_size, augment=args.augment, scale_jitter=args.scale_jitter,
+                      gradient_checkpointing=args.gradient_checkpointing)
+    probe = IdentityConfig(layout=args.layout, num_tokens=args.num_tokens or 2, num_stages=args.num_stages,
+                           stage_kind=args.stage_kind, steps=args.steps, lr=args.lr, attn_weight=args.attn_weight,
+                           resolution=args.resolution or 512)
+    check_settings(probe, opts)  # before loading anything (the model's own resolution rule comes after)
     pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
                                           provider=args.provider, device=str(device)))
     photos, faces = detect_faces(photo_paths(args.photos), pipeline)
     base = load_base(args, device)
-    widths = base.widths
-    if args.encoder is not None:
-        start, source_layout, init = from_encoder(args.encoder, photos, pipeline, widths, backbone=args.backbone,
-                                                  device=device), "words", "encoder"
-    elif args.init_file is not None:
-        source_layout, start = from_file(args.init_file, widths)
-        init = f"file:{args.init_file.name}"
-    else:
-        start, source_layout, init = from_word(base, args.init_word, args.num_tokens or 2), "words", \
-            f"word:{args.init_word}"
-    k = next(iter(start.values())).shape[-2]
-    if args.num_tokens is not None and args.num_tokens != k:
-        raise ValueError(f"--num-tokens {args.num_tokens} but the init ({init}) holds {k} token(s); drop --num-tokens "
-                         "or match it")
-    cfg = IdentityConfig(layout=args.layout, num_tokens=k, num_stages=args.num_stages, stage_kind=args.stage_kind,
-                         target=base.family, init=init, class_word=args.class_word, steps=args.steps, lr=args.lr,
-                         attn_weight=args.attn_weight, seed=args.seed, resolution=args.resolution,
-                         base_model=Path(args.base_model).name,
-                         extra={"photos": len(photos), "batch_size": args.batch_size, "augment": args.augment})
-    latents = encode_photos(photos, faces, base.vae, resolution=args.resolution, device=device)
-    base.vae.to("cpu")  # not needed again: free the device memory
-    opts = RunOptions(batch_size=args.batch_size, trigger=args.trigger, augment=args.augment,
-                      scale_jitter=args.scale_jitter, gradient_checkpointing=args.gradient_checkpointing,
-                      log_every=args.log_every)
-    learner = IdentityLearner(base, latents, cfg, as_layout(args.layout, start, source_layout, k=k,
-                                                             num_stages=args.num_stages), opts, device=device)
-    result = learner.run()
-    ident = result.identity
-    ident.config.extra.update(final_mse=result.history[-1].mse, seconds=round(result.seconds, 2))
-    save_learned_identity(out, ident, overwrite=args.overwrite)
+    resolution = args.resolution or native_resolution(base)
+    host = DiffusersHost(base, device=device, num_stages=args.num_stages, stage_kind=args.stage_kind,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    try:
+        widths = base.widths
+        if args.encoder is not None:
+            start = from_encoder(args.encoder, photos, pipeline, widths, backbone=args.backbone, device=device)
+            init = "encoder"
+        elif args.init_file is not None:
+            start, init = from_file(args.init_file, widths), f"file:{args.init_file.name}"
+        else:
+            start, init = from_word(host, args.init_word, args.num_tokens or 2), f"word:{args.init_word}"
+        k = next(iter(start.values())).shape[-2]
+        if args.num_tokens is not None and args.num_tokens != k:
+            raise ConfigError(f"--num-tokens {args.num_tokens} but the init ({init}) holds {k} token(s); drop "
+                              "--num-tokens or match it")
+        cfg = IdentityConfig(layout=args.layout, num_tokens=k, num_stages=args.num_stages, stage_kind=args.stage_kind,
+                             target=base.family, init=init, class_word=args.class_word, steps=args.steps, lr=args.lr,
+                             attn_weight=args.attn_weight, seed=args.seed, resolution=resolution,
+                             base_model=Path(args.base_model).name)
+        latents = encode_photos(photos, faces, base.vae, resolution=resolution, device=device)
+        base.vae.to("cpu")  # not needed again: free the device memory
+        learner = IdentityLearner(host, latents, cfg, start, opts)
+        with _progress(args.log_every, cfg.steps) as on_step:
+            result = learner.run(on_step=on_step)
+    finally:
+        host.close()
+    save_learned_identity(out, result.identity, overwrite=args.overwrite)
     if args.loss_csv is not None:
         args.loss_csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.loss_csv, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["step", "loss", "mse", "attention"])
+            w.writerow(["step", "loss", "diffusion", "attention"])
             for i, s in enumerate(result.history):
-                w.writerow([i, f"{s.loss:.6f}", f"{s.mse:.6f}", f"{s.attn:.6f}"])
+                w.writerow([i, f"{s.loss:.6f}", f"{s.diffusion:.6f}", f"{s.attention:.6f}"])
     logger.info("learned a %s identity (k=%d, %s init) in %d steps, %.1f s -> %s", cfg.layout, k, init, cfg.steps,
                 result.seconds, out)
     return result
+
+
+def native_resolution(base) -> int:
+    """The base model's own training size: its UNet's sample size times the VAE's factor."""
+    from ..common.diffusion import base_vae_factor
+
+    return int(base.unet.config.sample_size) * base_vae_factor(base)
+
+
+@contextlib.contextmanager
+def _progress(every: int, total: int):
+    """A progress bar on a terminal (tqdm), and a log line every ``every`` steps."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - diffusers depends on tqdm
+        tqdm = None
+    bar = tqdm(total=total, unit="step", disable=not sys.stderr.isatty()) if tqdm is not None else None
+
+    def on_step(i: int, stats) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}")
+        if every and ((i + 1) % every == 0 or i + 1 == total):
+            logger.info("step %d/%d: loss %.5f (diffusion %.5f, attention %.4f)", i + 1, total, stats.loss,
+                        stats.diffusion, stats.attention)
+
+    try:
+        yield on_step
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

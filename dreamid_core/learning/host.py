@@ -1,0 +1,115 @@
+"""What the learner asks of a model host: the small interface the ComfyUI and diffusers adapters implement.
+
+A host wraps one frozen diffusion model with its text encoder(s) and never learns anything itself.
+The learner (:mod:`.learner`) owns seeding, batches, prompts, the loss and the optimiser; a host only
+
+- ``word_embeddings(word) -> {key: [m, D]}``: the input embedding rows of ``word``'s tokens per text
+  encoder (inits, the class word of the reference prompt);
+- ``encode(prompt, vectors) -> Encoded``: ``prompt`` with the placeholder word (``prompts.PLACEHOLDER``)
+  replaced by ``vectors {key: [k, D]}`` exactly as at generation time; gradients flow into the
+  vectors when grad mode is on (the host keeps autograd off every weight);
+- ``noise(x0, noise, t) -> Noised``: the noised latents at integer training timesteps ``t [B]`` through
+  the model's own sampling (``x_t``, ``sigma [B]``);
+- ``denoise(noised, cond, record=False) -> (denoised [B, C, h, w], maps)``: the model's x0 estimate;
+  with ``record`` the softmax maps ``[B, heads, HW, T]`` (float32, with gradients) of every
+  cross-attention layer with at most ``max_queries`` queries, in a fixed order; the host keeps
+  computing attention the same way until its next ``denoise`` (gradient checkpointing recomputes it)
+  but appends no maps after ``denoise`` returns;
+- ``close()``: undo everything it did to the shared modules (idempotent).
+
+And tells: ``keys`` (the S* part keys, e.g. ``("clip_l", "clip_g")``), ``family``, ``prediction``
+("eps" | "v" | "flow", :mod:`.loss`), ``num_timesteps``, ``device``, ``compute_dtype``,
+``resolution_multiple`` and ``max_queries`` (settable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .prompts import Encoded
+
+
+@dataclass
+class Noised:
+    x0: torch.Tensor  # [B, C, h, w] clean latents (the loss needs them)
+    x_t: torch.Tensor  # [B, C, h, w]
+    sigma: torch.Tensor  # [B]
+    t: torch.Tensor  # [B] integer training timesteps (long)
+
+
+@dataclass
+class Conditioning:
+    """The text side of one UNet call.
+
+    ``context [B, L, C]`` and ``pooled [B, P]`` (or None) are the prompt as the model reads it. With
+    per-stage identities ``keys``/``values`` replace the cross-attention's key and value inputs:
+    ``[1, B, L, C]`` = one (already chosen) context per row for every layer, or ``[S, B, L, C]`` = the
+    layer picks its stage from its UNet block (``stage_kind="unet"``)."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+class LearnHost(Protocol):
+    family: str
+    keys: tuple[str, ...]
+    prediction: str
+    num_timesteps: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    resolution_multiple: int
+    max_queries: int | None
+
+    def word_embeddings(self, word: str) -> dict[str, torch.Tensor]: ...
+
+    def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded: ...
+
+    def noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised: ...
+
+    def denoise(self, noised: Noised, cond: Conditioning, record: bool = False
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+
+class _Recompute(torch.autograd.Function):
+    """``fn(*tensors)`` run without a graph; the backward pass runs it again with one (checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        ctx.fn = fn
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return fn(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = ctx.fn(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, *[i.grad for i in inputs])
+
+
+def encode_recomputed(host: LearnHost, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:
+    """``host.encode`` whose text-encoder activations are not kept for backward: the backward pass encodes
+    again. Holds one prompt's activations at a time however many prompts a step encodes."""
+    keys = list(vectors)
+    seen: dict[str, Encoded] = {}
+
+    def fn(*vecs):
+        enc = host.encode(prompt, dict(zip(keys, vecs, strict=True)))
+        seen["enc"] = enc
+        pooled = enc.pooled if enc.pooled is not None else enc.context.new_zeros(0)
+        return enc.context, pooled
+
+    context, pooled = _Recompute.apply(fn, *[vectors[k] for k in keys])
+    enc = seen["enc"]
+    return Encoded(context, pooled if enc.pooled is not None else None, enc.positions, enc.words)

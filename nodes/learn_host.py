@@ -1,0 +1,250 @@
+"""The identity learner's host on ComfyUI's own objects (MODEL, CLIP): ``dreamid_core.learning.LearnHost``.
+
+The learning itself (batches, prompts, loss, optimiser) is ``dreamid_core.learning.IdentityLearner``;
+this file only lets it call ComfyUI's models the way ComfyUI calls them:
+
+- clones of MODEL and CLIP, loaded with ``load_models_gpu`` (``offload``: as little as possible on the
+  device, ComfyUI streams the rest layer by layer, as its own trainer's offloading does);
+- the model's weights are used through :class:`dreamid_core.learning.frozen.FrozenWeights`: zero-copy
+  aliases that autograd may keep and that never get a gradient (ComfyUI leaves ``requires_grad`` on and
+  loads weights as inference tensors); with ``offload`` the streamed layers keep nothing for backward
+  (``input_grad_only``);
+- ComfyUI's CLIP layers add their residuals in place (``x += ...``): while a prompt is encoded with
+  gradients, the tensors autograd saves that require grad (activations, 77 tokens wide) are kept as
+  copies so the in-place adds cannot change them; weights are never copied;
+- the diffusion model runs through ``model.apply_model`` with the clone's transformer options (so the
+  user's attention patches apply) plus two of the pack's: :class:`~.attention_patches.TrainKV`
+  (per-stage key/value contexts) and :class:`~.attention_patches.AttentionRecorder` (explicit maps for
+  the attention loss on the layers it records, ComfyUI's own attention everywhere else);
+- noise and denoised estimates through the model's own ``model_sampling``.
+
+Use it as a context manager: leaving it undoes everything on the shared modules, also on Cancel or error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.ops
+import torch
+import torch.utils.checkpoint
+
+from ..dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, face_squares
+from ..dreamid_core.learning.frozen import FrozenWeights, input_grad_only
+from ..dreamid_core.learning.prompts import PLACEHOLDER
+from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
+from .comfy_tokens import text_encoder, tokenize_with_identities, tokenizer_keys
+
+logger = logging.getLogger(__name__)
+
+
+def prediction_kind(sampling) -> str:
+    """"eps", "v" or "flow" from a ComfyUI ``model_sampling`` object; other kinds are refused."""
+    ms = comfy.model_sampling
+    if isinstance(sampling, ms.V_PREDICTION):
+        return "v"
+    if isinstance(sampling, ms.CONST):
+        return "flow"
+    if isinstance(sampling, ms.EPS) and not any(isinstance(sampling, getattr(ms, n, ())) for n in
+                                                 ("EDM", "X0", "IMG_TO_IMG", "V_PREDICTION_EDM")):
+        return "eps"
+    raise ValueError(f"this model predicts with {type(sampling).__name__}; learning an identity supports eps, "
+                     "v-prediction and flow models")
+
+
+@contextlib.contextmanager
+def _copy_saved_activations():
+    """Keep copies of saved tensors that require grad (CLIP's in-place residual adds would change them)."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone() if t.requires_grad else t, lambda t: t):
+        yield
+
+
+def _unet_blocks(patcher) -> list[torch.nn.Module]:
+    dm = patcher.model.diffusion_model
+    return [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
+
+
+class ComfyHost:
+    """``LearnHost`` over a MODEL and a CLIP (see the module docstring)."""
+
+    def __init__(self, model, clip, *, gradient_checkpointing: bool = False, offload: bool = False,
+                 max_queries: int | None = 1024) -> None:
+        self.mp, self.clip = model.clone(), clip.clone()
+        self.sampling = self.mp.get_model_object("model_sampling")
+        self.prediction = prediction_kind(self.sampling)
+        self.num_timesteps = int(self.sampling.sigmas.shape[0])
+        self.tokenizer_keys = tokenizer_keys(self.clip)
+        self.keys = tuple(f"clip_{k}" for k in self.tokenizer_keys)
+        self.device = self.mp.load_device
+        self.compute_dtype = self.mp.model.get_dtype()
+        mult = self.mp.model.model_config.unet_config.get("channel_mult", (1,))
+        self.resolution_multiple = 8 * 2 ** (len(mult) - 1)
+        self.uses_pooled = bool(getattr(self.mp.model, "adm_channels", 0))
+        self.gradient_checkpointing, self.offload = gradient_checkpointing, offload
+        self.recorder = AttentionRecorder(max_queries)
+        add_recorder(self.mp, self.recorder)
+        self.kv = TrainKV(self.mp)
+        self.mp.set_model_attn2_patch(self.kv)
+        self._stack: contextlib.ExitStack | None = None
+        self.frozen: FrozenWeights | None = None
+
+    @property
+    def max_queries(self) -> int | None:
+        return self.recorder.max_queries
+
+    @max_queries.setter
+    def max_queries(self, value: int | None) -> None:
+        self.recorder.max_queries = value
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def __enter__(self) -> ComfyHost:
+        self._stack = stack = contextlib.ExitStack()
+        try:
+            if self.offload:
+                mm.load_models_gpu([self.mp], memory_required=1e20, force_full_load=False)
+            else:
+                mm.load_models_gpu([self.mp, self.clip.patcher])
+            self.frozen = stack.enter_context(FrozenWeights([self.mp.model.diffusion_model,
+                                                             self.clip.cond_stage_model]))
+            if self.gradient_checkpointing:
+                stack.enter_context(self._checkpointed_blocks())
+            if self.offload:
+                stack.enter_context(self._streamed_layers())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.recorder.recording = self.recorder.collecting = False
+        self.recorder.maps.clear()
+        self.kv.clear()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    @contextlib.contextmanager
+    def _checkpointed_blocks(self):
+        """Per-block gradient checkpointing (instance ``forward`` on the top-level blocks, as ComfyUI's trainer)."""
+        blocks = _unet_blocks(self.mp)
+        try:
+            for b in blocks:
+                inner = b.forward
+                b.forward = lambda *a, _f=inner, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+            yield
+        finally:
+            for b in blocks:
+                b.__dict__.pop("forward", None)
+
+    @contextlib.contextmanager
+    def _streamed_layers(self):
+        """Offloading: linear and conv layers keep nothing for backward; their weight is cast again there."""
+        wrapped = []
+        try:
+            for m in self.mp.model.diffusion_model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    kind = ("linear",)
+                elif isinstance(m, torch.nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+                    kind = ("conv2d", m.stride, m.padding, m.dilation, m.groups)
+                else:
+                    continue
+                inner = m.forward
+
+                def fwd(x, _f=inner, _m=m, _k=kind):
+                    return input_grad_only(x, _f, lambda g, _m=_m: comfy.ops.cast_bias_weight(_m, g)[0], _k)
+
+                m.forward = fwd
+                wrapped.append(m)
+            yield
+        finally:
+            for m in wrapped:
+                m.__dict__.pop("forward", None)
+
+    # -- text -----------------------------------------------------------------------------------------
+
+    def word_embeddings(self, word: str) -> dict[str, torch.Tensor]:
+        parts = {}
+        for key in self.tokenizer_keys:
+            tok, model = text_encoder(self.clip, key)
+            ids = [t for chunk in tok.tokenize_with_weights(word, False, disable_weights=True) for t, *_ in chunk
+                   if isinstance(t, int) and t not in (tok.start_token, tok.end_token, tok.pad_token)]
+            if not ids:
+                raise ValueError(f"the word {word!r} gives no tokens; use an ordinary word such as 'person'")
+            table = model.transformer.get_input_embeddings().weight
+            parts[f"clip_{key}"] = table[ids].detach().to("cpu", torch.float32).clone()
+        return parts
+
+    def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:
+        tokens, info = tokenize_with_identities(self.clip, prompt, {PLACEHOLDER: vectors})
+        with _copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        key = self.tokenizer_keys[0]
+        tok, _ = text_encoder(self.clip, key)
+        positions = tuple(info.positions[key][PLACEHOLDER])
+        words = []
+        for i, item in enumerate(tokens[key][0]):
+            token = item[0]
+            if i == 0 or i in positions or not isinstance(token, int):
+                continue
+            if token == tok.end_token:
+                break
+            words.append((i, int(token)))
+        return Encoded(cond, pooled if self.uses_pooled else None, positions, tuple(words))
+
+    # -- diffusion ------------------------------------------------------------------------------------
+
+    def noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised:
+        sigma = self.sampling.sigma(t.float()).to(x0.device, torch.float32)  # [B]
+        x_t = self.sampling.noise_scaling(sigma, noise, x0, max_denoise=False)
+        return Noised(x0=x0, x_t=x_t, sigma=sigma, t=t)
+
+    def denoise(self, noised: Noised, cond: Conditioning, record: bool = False):
+        x_t = noised.x_t
+        B = x_t.shape[0]
+        to = dict(self.mp.model_options["transformer_options"])
+        to["cond_or_uncond"] = [0]  # one chunk, the identity's: TrainKV applies to every row
+        to["sigmas"] = noised.sigma
+        self.kv.set(cond.keys, cond.values)
+        self.recorder.start(record)
+        extra = {}
+        if cond.pooled is not None:
+            res = x_t.shape[-1] * 8
+            y = self.mp.model.encode_adm(pooled_output=cond.pooled, width=res, height=res, target_width=res,
+                                         target_height=res, device=x_t.device)
+            if y is not None:
+                extra["y"] = y.to(x_t.device)
+        try:
+            denoised = self.mp.model.apply_model(x_t, noised.sigma, c_crossattn=cond.context.to(x_t.device),
+                                                 transformer_options=to, **extra)
+        finally:
+            self.recorder.collecting = False  # a checkpointed backward recomputes without recording twice
+        assert denoised.shape[0] == B
+        return denoised.float(), self.recorder.take()
+
+    def attention_layers(self) -> list[tuple[str, int]]:
+        return attention_blocks(self.mp)
+
+
+def encode_photos(vae, host: ComfyHost, images: torch.Tensor, faces, resolution: int, cancel=None) -> PhotoSet:
+    """The faces' squares (``dreamid_core.learning.face_squares``, the command line's pixels too), encoded
+    once, photo by photo, by ComfyUI's VAE into the model's latent space."""
+    pixels, crops = face_squares(images, faces, resolution)  # [N, R, R, 3] 0..1
+    latents = []
+    for px in pixels:
+        if cancel is not None:
+            cancel()
+        with torch.no_grad():
+            latents.append(vae.encode(px[None]).float().cpu())  # [1, C, h, w], VAE latent space
+    latents = host.mp.model.process_latent_in(torch.cat(latents))
+    want = resolution // 8
+    if latents.shape[-1] != want:
+        raise ValueError(f"the VAE gave latents {tuple(latents.shape)} for {resolution} px photos; expected an "
+                         f"8x-downscaling SD VAE ({want} px latents)")
+    return PhotoSet.from_faces(latents, faces, crops, resolution)
