@@ -204,6 +204,9 @@ def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | Non
     raw, meta = read_embedding_file(path)
     if META_KEY in meta:
         config = IdentityConfig.from_json(meta[META_KEY], source=str(path))
+        keys = [k for k, _ in TEXT_ENCODER_PRESETS.get(config.target, ())]
+        if single_key is None and len(keys) == 1:
+            single_key = keys[0]  # the file says which family it was learned on: its one tensor is that encoder's
         tensors = embedding_parts(raw, single_key=single_key, source=str(path)) if config.layout == "words" else {
             k: v.to(torch.float32) for k, v in raw.items()}
         return LearnedIdentity(config, tensors)

@@ -24,6 +24,7 @@ Use it as a context manager: leaving it undoes everything on the shared modules,
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import comfy.model_management as mm
@@ -33,7 +34,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, face_squares
-from ..dreamid_core.learning.frozen import FrozenWeights, input_grad_only
+from ..dreamid_core.learning.frozen import FrozenWeights, copy_saved_activations, input_grad_only
 from ..dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import text_encoder, tokenize_with_identities, tokenizer_keys
@@ -53,13 +54,6 @@ def prediction_kind(sampling) -> str:
         return "eps"
     raise ValueError(f"this model predicts with {type(sampling).__name__}; learning an identity supports eps, "
                      "v-prediction and flow models")
-
-
-@contextlib.contextmanager
-def _copy_saved_activations():
-    """Keep copies of saved tensors that require grad (CLIP's in-place residual adds would change them)."""
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone() if t.requires_grad else t, lambda t: t):
-        yield
 
 
 def _unet_blocks(patcher) -> list[torch.nn.Module]:
@@ -132,16 +126,28 @@ class ComfyHost:
 
     @contextlib.contextmanager
     def _checkpointed_blocks(self):
-        """Per-block gradient checkpointing (instance ``forward`` on the top-level blocks, as ComfyUI's trainer)."""
-        blocks = _unet_blocks(self.mp)
+        """Gradient checkpointing per UNet layer (ResBlock, SpatialTransformer, up/downsample): ComfyUI runs a
+        block's layers one by one (``forward_timestep_embed``), so that is where ``forward`` is replaced, for the
+        duration only. A transformer layer gets a snapshot of ``transformer_options``: ComfyUI advances its
+        ``block`` / ``transformer_index`` entries as the forward goes on, and the backward's recomputation must
+        see the values of its own forward (the attention patches are chosen by them)."""
+        layers = [layer for block in _unet_blocks(self.mp) for layer in block]
+
+        def plain(*a, _f, **k):
+            return torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+
+        def transformer(x, context=None, transformer_options=None, *a, _f, **k):
+            options = dict(transformer_options or {})
+            return torch.utils.checkpoint.checkpoint(_f, x, context, options, *a, use_reentrant=False, **k)
+
         try:
-            for b in blocks:
-                inner = b.forward
-                b.forward = lambda *a, _f=inner, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+            for layer in layers:
+                wrap = transformer if hasattr(layer, "transformer_blocks") else plain
+                layer.forward = functools.partial(wrap, _f=layer.forward)
             yield
         finally:
-            for b in blocks:
-                b.__dict__.pop("forward", None)
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def _streamed_layers(self):
@@ -183,7 +189,7 @@ class ComfyHost:
 
     def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:
         tokens, info = tokenize_with_identities(self.clip, prompt, {PLACEHOLDER: vectors})
-        with _copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
+        with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
             cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         key = self.tokenizer_keys[0]
         tok, _ = text_encoder(self.clip, key)

@@ -8,13 +8,15 @@ case): one learner for every host.
 - :mod:`.prompts`: training templates and word pairing; :mod:`.init`: where an identity starts;
 - :mod:`.loss`: the diffusion loss in the model's own prediction space; :mod:`.attention_loss`: the
   face-wise attention loss; :mod:`.stages`: which per-stage token pair a layer or timestep uses;
-- :mod:`.settings`: run options and the one validator; :mod:`.seeding`: per-step generators.
+- :mod:`.settings`: run options and the one validator; :mod:`.seeding`: per-step generators;
+- :mod:`.frozen`: autograd through frozen weights without copies; :mod:`.memory`: what a step holds.
 """
 
 from .host import Conditioning, LearnHost, Noised, encode_recomputed
 from .init import from_word_rows, start_tensors
 from .learner import IdentityLearner, LearnResult, Measure, StepStats
 from .loss import PREDICTIONS, prediction_error, prediction_loss
+from .memory import SavedTensors, heap_bytes, held_bytes
 from .photos import PhotoSet, face_square, face_squares
 from .prompts import PLACEHOLDER, TEMPLATES, Encoded, check_templates, pair_words
 from .seeding import step_generator
@@ -23,6 +25,7 @@ from .settings import LearningDivergedError, LearnSettingsError, RunOptions, che
 __all__ = [
     "PLACEHOLDER", "PREDICTIONS", "TEMPLATES", "Conditioning", "Encoded", "IdentityLearner", "LearnHost",
     "LearnResult", "LearnSettingsError", "LearningDivergedError", "Measure", "Noised", "PhotoSet", "RunOptions",
+    "SavedTensors", "heap_bytes", "held_bytes",
     "StepStats", "check_settings", "check_templates", "encode_recomputed", "face_square", "face_squares",
     "from_word_rows", "pair_words", "prediction_error", "prediction_loss", "start_tensors", "step_generator",
 ]

@@ -15,12 +15,19 @@ API
   weight, and not the input either, is kept between the passes. For offloaded weights (streamed to
   the device layer by layer): autograd would otherwise keep every streamed copy until backward.
   ``kind``: ``("linear",)`` or ``("conv2d", stride, padding, dilation, groups)``.
+- ``copy_saved_activations()``: a context in which autograd keeps copies of the saved tensors that
+  require grad (activations), so that a model adding its residuals in place (ComfyUI's CLIP:
+  ``x += ...``) cannot change them; weights and anything else that does not require grad are kept
+  by reference.
+- ``observe_saved(observer)``: also call ``observer(t)`` for every tensor ``copy_saved_activations``
+  keeps (what :class:`dreamid_core.learning.memory.SavedTensors` counts inside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -105,3 +112,29 @@ def input_grad_only(x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Ten
     if not (torch.is_grad_enabled() and x.requires_grad):
         return forward(x)
     return _InputGradOnly.apply(x, forward, weight, kind)
+
+
+_OBSERVERS: list[Callable[[torch.Tensor], None]] = []
+
+
+@contextlib.contextmanager
+def observe_saved(observer: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+def _observe(t: torch.Tensor) -> torch.Tensor:
+    for observer in _OBSERVERS:
+        observer(t)
+    return t
+
+
+@contextlib.contextmanager
+def copy_saved_activations() -> Iterator[None]:
+    """Keep copies of saved tensors that require grad (see the module docstring)."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: _observe(t.clone() if t.requires_grad else t),
+                                                  lambda t: t):
+        yield
