@@ -1,151 +1,232 @@
-"""Steps/s and peak memory of our identity-learning step against a straightforward textual-inversion
-loop, same models, same run.
+"""The identity-learning step an artist runs (DreamID_LearnIdentity's learner on ComfyUI's own MODEL and
+CLIP) against a plain textual-inversion step on the same architecture, side by side in one run.
 
-    python bench/learn.py --size tiny                  # CPU, tiny models (seconds)
-    python bench/learn.py --size sd21 --device cuda    # SD2.1-base shapes, random weights, 512 px, one GPU
+    COMFYUI_PATH=~/ComfyUI python bench/learn.py                    # SD1.5 shapes, random weights, 128 px, CPU
+    COMFYUI_PATH=~/ComfyUI python bench/learn.py --device cuda --res 512
+    COMFYUI_PATH=~/ComfyUI python bench/learn.py --rss --fixed-cost --project
 
-reference: what a textual-inversion example script does: everything fp32, the VAE encodes the photo
-on every step (``latent_dist.sample()``), no caching, k word vectors injected into the prompt
-(training/common/prompt_encoding.py), the diffusion MSE, backward, AdamW.
-ours: :meth:`training.learn_identity.loop.IdentityLearner.step` as the command line runs it —
-latents encoded once, UNet and text encoder frozen in bf16 on a GPU (fp32 on a CPU), augmentation
-and face mask per step; measured as plain TI (``--attn-weight 0``), with the attention loss (its
-extra no-grad reference forward and explicit attention maps), per-stage, and with gradient
-checkpointing.
+Models: ComfyUI's SD1.5 UNet (860 M) and CLIP-L text model (123 M) built from config with random weights,
+loaded under ``torch.inference_mode()`` as CheckpointLoaderSimple loads them (inference-tensor weights,
+``requires_grad`` left on). The photo is a random latent with a face box (the VAE is not in the loop).
 
-Memory: on CUDA each loop's peak as if it ran alone: the growth of ``max_memory_allocated`` over
-what was allocated before its steps, plus the weights it uses (every loop keeps its own copies on the
-device, so the raw peak would count the others'). Everywhere, the activations one step keeps for
-backward (unique storages passed to autograd's saved-tensor hooks, model weights excluded) — exact
-and deterministic even for tiny models, and what caching, checkpointing and the attention maps
-change. ``--rss`` adds the peak resident growth on a CPU, each loop in a fresh child process (Linux
-``/proc/self/clear_refs``; slow: every child imports diffusers). Batch 1 (an artist's card) by default.
+reference: textual inversion in the plainest way on the same architecture: its own copy of the weights
+as normal tensors with ``requires_grad_(False)`` (made once, not timed), the prompt with S* through
+``clip.encode_from_tokens``, ``diffusion_model(x, t, context)``, the eps MSE, backward, Adam; with the
+attention loss on, plus the one no-grad class-word forward the attention loss needs.
+node: ``dreamid_core.learning.IdentityLearner.step`` on ``nodes.learn_host.ComfyHost`` (what the node runs).
+
+Printed per loop: CPU seconds per step (process time, one torch thread; on CUDA wall time after a sync),
+the bytes one step holds between forward and backward (glibc heap counters, CPU) or its peak
+(``max_memory_allocated``, CUDA), FLOPs per step (``torch.utils.flop_counter``), and the ratios to the
+reference. ``--rss``: resident growth during the steps, each loop in a child process. ``--fixed-cost``:
+the node's per-call costs (face detection, VAE encode with SD's real VAE shape, the before/after
+measurement, the loss plot) against a default run of 200 steps. ``--project``: FLOPs of a step at SD1.5
+512 px and SDXL 1024 px counted on meta tensors (UNet forward + input-gradient backward, the no-grad
+reference forward of the attention loss, the text encoders), and the time of 200 steps on a 4090-class
+GPU at an assumed sustained throughput.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 
-import train_step as ts  # noqa: E402  (the shared model shapes and tokenizer of bench/train_step.py)
+from comfy_env import find_comfyui, import_comfyui, load_pack, skip_reason  # noqa: E402
 
-from dreamid_core.learned_identity import IdentityConfig  # noqa: E402
-from training.common.base_model import BaseModel  # noqa: E402
-from training.common.diffusion import step_generator  # noqa: E402
-from training.common.latents import encode_latents  # noqa: E402
-from training.common.prompt_encoding import encode_prompts  # noqa: E402
-from training.learn_identity.data import PhotoLatents  # noqa: E402
-from training.learn_identity.loop import IdentityLearner, RunOptions  # noqa: E402
+SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+             "num_head_channels": -1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64, "num_heads": -1,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+             "use_temporal_resblock": False}
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+CLIP_G_PARAMS = 694_659_840  # OpenCLIP bigG text tower (32 layers, 1280 wide): SDXL's second encoder
+GPU_TFLOPS = {"4090 (bf16 dense 165 TFLOP/s at 40 %)": 165.0 * 0.40}
+LOOPS = ("reference TI", "node TI", "reference TI + class forward", "node attn", "node per_stage attn",
+         "node attn ckpt", "node attn offload")
 
-LOOPS = ("reference", "ours TI", "ours attn", "ours per_stage attn", "ours per_stage attn ckpt")
-GOALS_GIB = {"sd21": 10.0}  # the issue's goal at batch 1 with gradient checkpointing, 512 px
+
+# -- models --------------------------------------------------------------------------------------------
+
+def build_unet(config: dict, family: str, *, seed: int, inference: bool, device: str = "cpu"):
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_tiny import init_weights_
+
+    cls = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL
+    cfg = cls(dict(config))
+    cfg.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        model = cfg.get_model({}, device=device)
+        if device != "meta":
+            init_weights_(model.diffusion_model, seed)
+    dev = torch.device(device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
 
 
-def build(size: str, device: torch.device) -> tuple[BaseModel, int]:
-    base, s, _ = ts.build_base(size, seed=0)  # the same base model as bench/train_step.py
-    return base.to(device), s["resolution"]
+def build_clip(*, seed: int, inference: bool):
+    from comfy_tiny import tiny_clip
+
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        return tiny_clip("sd1", 768, layers=12, intermediate=3072, seed=seed, dtype=torch.float32)
 
 
-def photo(res: int, device: torch.device) -> torch.Tensor:
+def photo_set(core, res: int):
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(1, 3, res, res, generator=g) * 2 - 1).to(device)
+    lat = res // 8
+    box = (lat * 0.3, lat * 0.25, lat * 0.7, lat * 0.75)
+    marks = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.5], [0.42, 0.62], [0.58, 0.62]]) * lat
+    return core.PhotoSet(torch.randn(1, 4, lat, lat, generator=g), [box], [marks], res)
 
 
-def reference_step(base: BaseModel, pixels: torch.Tensor, batch: int, device: torch.device):
-    """Plain fp32 textual inversion: VAE every step, nothing cached."""
-    width = base.text_encoders[0].get_input_embeddings().weight.shape[1]
-    table = base.text_encoders[0].get_input_embeddings().weight.detach()
-    ids = base.tokenizers[0]("person", add_special_tokens=False).input_ids
-    vec = torch.nn.Parameter(table[ids].mean(0, keepdim=True).repeat(2, 1).float().clone())  # [2, D]
-    opt = torch.optim.AdamW([vec], lr=5e-3, weight_decay=0.0)
-    sched = base.noise_scheduler
-    counter = {"n": 0}
-    prompts = ["a photo of S*"] * batch
-    assert vec.shape[1] == width
+# -- the loops -----------------------------------------------------------------------------------------
 
-    def step() -> float:
-        counter["n"] += 1
-        gen = step_generator(0, counter["n"])
+class Reference:
+    """Plain textual inversion on a normal-tensor copy of the weights (see the module docstring)."""
+
+    def __init__(self, mods, model, clip, photos, *, attn: bool):
+        self.mods, self.photos, self.attn = mods, photos, attn
+        self.dm = model.model.diffusion_model
+        self.clip = clip
+        self.sampling = model.get_model_object("model_sampling")
+        table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+        self.vec = torch.nn.Parameter(table[[2533, 2533]].detach().clone().float())  # "person" twice
+        self.opt = torch.optim.Adam([self.vec], lr=5e-3)
+        tokens = mods.tokens.tokenize_with_identities(clip, "a photo of S*", {"S*": {"clip_l": table[[2533]]}})[0]
         with torch.no_grad():
-            latents = base.vae.encode(pixels.expand(batch, -1, -1, -1)).latent_dist.sample() * base.vae_scale
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        ctx, _ = encode_prompts("sd2", base.text_encoders, base.tokenizers, prompts,
-                                {"clip_h": vec[None].expand(batch, -1, -1)}, trigger="S*", k=2)
-        pred = base.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+            self.class_cond = clip.encode_from_tokens(tokens)
+        self.i = 0
+
+    def open(self):
+        return contextlib.nullcontext()
+
+    def loss(self):
+        self.i += 1
+        gen = self.mods.core.step_generator(0, self.i)
+        x0 = self.photos.latents[torch.randint(0, len(self.photos), (1,), generator=gen)]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (1,), generator=gen)
+        s = self.sampling.sigma(t.float()).reshape(-1, 1, 1, 1)
+        x_in = (x0 + noise * s) / torch.sqrt(1 + s * s)
+        tokens = self.mods.tokens.tokenize_with_identities(self.clip, "a photo of S*", {"S*": {"clip_l": self.vec}})[0]
+        with self.mods.frozen.copy_saved_activations():
+            cond = self.clip.encode_from_tokens(tokens)
+        if self.attn:
+            with torch.no_grad():
+                self.dm(x_in, t.float(), context=self.class_cond)
+        eps = self.dm(x_in, t.float(), context=cond)
+        return torch.nn.functional.mse_loss(eps.float(), noise)
+
+    def step(self):
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    step.models = [base.unet, base.vae, *base.text_encoders]
-    return step
+        self.opt.step()
 
 
-def our_step(base: BaseModel, pixels: torch.Tensor, batch: int, device: torch.device, *, layout: str, attn: float,
-             ckpt: bool):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mine = dataclasses.replace(base, unet=copy.deepcopy(base.unet).to(dtype=dtype),
-                               text_encoders=[copy.deepcopy(base.text_encoders[0]).to(dtype=dtype)])
-    lat = encode_latents(base.vae, pixels).cpu()  # once
-    h, w = lat.shape[-2:]
-    box = (w * 0.3, h * 0.25, w * 0.7, h * 0.75)
-    marks = np.array([[0.4 * w, 0.4 * h], [0.6 * w, 0.4 * h], [0.5 * w, 0.5 * h], [0.42 * w, 0.62 * h],
-                      [0.58 * w, 0.62 * h]])
-    photos = PhotoLatents(lat, [box], [marks], pixels.shape[-1])
-    table = mine.text_encoders[0].get_input_embeddings().weight.detach().float().cpu()
-    ids = mine.tokenizers[0]("person", add_special_tokens=False).input_ids
-    words = table[ids].mean(0, keepdim=True).repeat(2, 1)
-    init = {"clip_h": words if layout == "words" else words[None, None].expand(5, 2, -1, -1).clone()}
-    cfg = IdentityConfig(layout=layout, num_tokens=2, steps=10**6, lr=5e-3, attn_weight=attn, target="sd2")
-    learner = IdentityLearner(mine, photos, cfg, init, RunOptions(batch_size=batch, gradient_checkpointing=ckpt,
-                                                                  log_every=0), device=device)
-    counter = {"n": 0}
+class Node:
+    """The node's learner on the node's host."""
 
-    def step() -> float:
-        counter["n"] += 1
-        return learner.step(counter["n"]).loss
+    def __init__(self, mods, model, clip, photos, *, layout: str, attn: float, ckpt=False, offload=False):
+        self.mods = mods
+        self.modes = [torch.inference_mode(False), torch.enable_grad()]
+        for m in self.modes:
+            m.__enter__()
+        self.host = mods.host.ComfyHost(model, clip, gradient_checkpointing=ckpt, offload=offload)
+        self.recomputes = ckpt or offload
+        cfg = mods.identity.IdentityConfig(layout=layout, steps=10**6, lr=5e-3, attn_weight=attn,
+                                           resolution=photos.resolution, num_stages=5)
+        with self.host:
+            start = mods.core.from_word_rows(self.host.word_embeddings("person"), 2)
+            self.learner = mods.core.IdentityLearner(self.host, photos, cfg, start,
+                                                     mods.core.RunOptions(gradient_checkpointing=ckpt))
+        self.i = 0
 
-    step.models = [mine.unet, *mine.text_encoders]  # its own weight copies (the VAE is not used in the loop)
-    return step
+    def open(self):
+        return self.host
 
+    def loss(self):
+        self.i += 1
+        return self.learner.loss(self.i)[0]
 
-def make(name: str, base, pixels, batch, device):
-    if name == "reference":
-        return reference_step(base, pixels, batch, device)
-    layout = "per_stage" if "per_stage" in name else "words"
-    return our_step(base, pixels, batch, device, layout=layout, attn=0.003 if "attn" in name else 0.0,
-                    ckpt="ckpt" in name)
+    def step(self):
+        self.i += 1
+        self.learner.step(self.i)
 
 
-def saved_mib(step, models) -> float:
-    """MiB of activations one step saves for backward (weights of ``models`` excluded)."""
-    weights = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
-    seen: dict[int, int] = {}
+def make_loop(name, mods, models, photos):
+    if name.startswith("reference"):
+        return Reference(mods, models["ref_model"], models["ref_clip"], photos, attn="class" in name)
+    return Node(mods, models["model"], models["clip"], photos, layout="per_stage" if "per_stage" in name else "words",
+                attn=0.003 if "attn" in name else 0.0, ckpt="ckpt" in name, offload="offload" in name)
 
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values()) / 2**20
+# -- measurements --------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(loop, steps: int, device) -> float:
+    with loop.open():
+        loop.step()  # warm-up in this round (host opened, caches)
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            loop.step()
+        _sync(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return (cpu if device.type == "cpu" else wall) / steps
+
+
+def held(loop, mods, device) -> float:
+    """MiB one step holds between forward and backward (CPU heap) or its peak (CUDA)."""
+    with loop.open():
+        loop.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            loss = loop.loss()
+            loss.backward()
+            torch.cuda.synchronize(device)
+            return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        loss, nbytes = mods.memory.held_bytes(loop.loss)
+        loss.backward()
+        return float("nan") if nbytes is None else nbytes / 2**20
+
+
+def flops(loop) -> float:
+    """FLOPs of one step; NaN where torch's counter cannot trace it (recomputed regions under checkpointing:
+    the same maths as without, plus one forward of each recomputed block)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if getattr(loop, "recomputes", False):
+        return float("nan")
+    with loop.open(), FlopCounterMode(display=False) as fc:
+        loss = loop.loss()
+        loss.backward()
+    return fc.get_total_flops()
 
 
 def _proc_kib(field: str) -> int:
@@ -155,94 +236,189 @@ def _proc_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child_memory(args: argparse.Namespace) -> int:
-    """Internal: one loop in this (fresh) process; prints its peak resident growth in MiB as JSON."""
-    device = torch.device("cpu")
-    base, res = build(args.size, device)
-    step = make(args.child, base, photo(res, device), args.batch, device)
-    step()  # warm-up: lazy allocations, optimizer state
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-    before = _proc_kib("VmRSS")
-    for _ in range(2):
-        step()
-    print(json.dumps({"peak_mib": (_proc_kib("VmHWM") - before) / 1024}))
+def child_rss(args, mods, models, photos) -> int:
+    """Internal (``--child NAME``): resident growth of NAME's steps in this fresh process, as JSON."""
+    loop = make_loop(args.child, mods, models, photos)
+    with loop.open():
+        loop.step()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _proc_kib("VmRSS")
+        for _ in range(args.steps):
+            loop.step()
+    print(json.dumps({"growth_mib": (_proc_kib("VmHWM") - before) / 1024}))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# -- fixed costs and the projection ---------------------------------------------------------------------
+
+def fixed_cost(mods, models, res: int, step_s: float, steps: int = 200) -> None:
+    import comfy.sd
+    from diffusers import AutoencoderKL
+    from face_photos import face_photo
+    from PIL import Image
+
+    image = torch.from_numpy(np.asarray(face_photo("tom", size=640), dtype=np.float32) / 255.0)[None]
+    pipeline = mods.faces.FacePipeline(mods.detectors.make_detector("mtcnn"))
+    torch.manual_seed(0)
+    vae = comfy.sd.VAE(sd=AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                        down_block_types=("DownEncoderBlock2D",) * 4,
+                                        up_block_types=("UpDecoderBlock2D",) * 4).state_dict())
+    node = Node(mods, models["model"], models["clip"], photo_set(mods.core, res), layout="words", attn=0.003)
+    costs = {}
+    c0 = time.process_time()
+    faces = pipeline.process(image).faces
+    costs["face detection (640 px photo)"] = time.process_time() - c0
+    c0 = time.process_time()
+    with torch.inference_mode(False):
+        photos = mods.host.encode_photos(vae, node.host, image, faces, res)
+    costs[f"VAE encode ({res} px, SD VAE shape)"] = time.process_time() - c0
+    node.learner.photos = photos
+    with node.host:
+        c0 = time.process_time()
+        node.learner.measure()
+        node.learner.measure()
+        costs["before/after measurement"] = time.process_time() - c0
+    c0 = time.process_time()
+    mods.plot.loss_curve_image([{"loss": 1.0 / (i + 1), "diffusion": 1.0, "attention": 0.5} for i in range(steps)])
+    costs["loss plot"] = time.process_time() - c0
+    run = step_s * steps
+    total = sum(costs.values())
+    print(f"\nper-call fixed cost against a default run ({steps} steps x {step_s:.2f} s = {run:.0f} CPU s at {res} px):")
+    for k, v in costs.items():
+        print(f"  {k:<40}{v:8.2f} s  {100 * v / run:6.2f} %")
+    print(f"  {'total':<40}{total:8.2f} s  {100 * total / run:6.2f} %   (goal < 10 %)")
+    del Image
+
+
+def project(mods) -> None:
+    """FLOPs per step on meta tensors at the real sizes, and 200 steps on a 4090-class GPU."""
+    import comfy.ldm.modules.attention as attention
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def unet_flops(config, family, res, grad):
+        model = build_unet(config, family, seed=0, inference=False, device="meta")
+        dm = model.model.diffusion_model.requires_grad_(False)
+        lat = res // 8
+        x = torch.randn(1, 4, lat, lat, device="meta")
+        ctx = torch.randn(1, 77, config["context_dim"], device="meta", requires_grad=grad)
+        extra = {"y": torch.randn(1, 2816, device="meta")} if family == "sdxl" else {}
+        before = attention.optimized_attention
+        attention.optimized_attention = attention.attention_pytorch  # SDPA: counted by FlopCounterMode
+        try:
+            with FlopCounterMode(display=False) as fc:
+                out = dm(x, torch.tensor([500.0], device="meta"), context=ctx, **extra)
+                if grad:
+                    out.sum().backward()
+        finally:
+            attention.optimized_attention = before
+        return fc.get_total_flops()
+
+    clip = build_clip(seed=0, inference=False).cond_stage_model.clip_l.transformer
+    params_l = sum(p.numel() for n, p in clip.named_parameters() if "embedding" not in n)
+    text_per_param = 2 * 77 * 2  # forward + input-gradient backward, 2 FLOPs per weight and token
+    rows = [("SD1.5", SD15_UNET, "sd15", 512, params_l), ("SDXL", SDXL_UNET, "sdxl", 1024, params_l + CLIP_G_PARAMS)]
+    print("\nFLOPs per step at the real sizes (meta tensors), and 200 steps on a 4090-class GPU:")
+    for label, config, family, res, text_params in rows:
+        fwd_bwd, fwd = unet_flops(config, family, res, True), unet_flops(config, family, res, False)
+        text = text_params * text_per_param
+        for attn in (False, True):
+            total = fwd_bwd + text + (fwd if attn else 0)
+            gpu = "; ".join(f"{name}: {200 * total / (t * 1e12):.1f} s" for name, t in GPU_TFLOPS.items())
+            print(f"  {label} {res} px {'attn' if attn else 'TI  '}: {total / 1e12:6.2f} TFLOP/step (UNet fwd+bwd "
+                  f"{fwd_bwd / 1e12:.2f}, text {text / 1e12:.2f}{f', class forward {fwd / 1e12:.2f}' if attn else ''})"
+                  f"; 200 steps {gpu}")
+    print("  goal: SD1.5 512 px x 200 steps <= 20 s on a 4090-class GPU")
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+class Mods:
+    def __init__(self, nodes):
+        root = nodes["DreamID_LearnIdentity"].__module__.split(".nodes.")[0]
+
+        def get(name):
+            return sys.modules[f"{root}.{name}"]
+
+        self.core, self.host = get("dreamid_core.learning"), get("nodes.learn_host")
+        self.identity, self.tokens = get("dreamid_core.learned_identity"), get("nodes.comfy_tokens")
+        self.frozen, self.memory = get("dreamid_core.learning.frozen"), get("dreamid_core.learning.memory")
+        self.faces, self.detectors = get("dreamid_core.faces"), get("dreamid_core.detectors")
+        self.plot = get("nodes.loss_plot")
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=("tiny", "sd21"), default="tiny")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, help="timed steps per round (default: tiny 5, sd21 10)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each loop counts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--res", type=int, default=128, help="training size in px (128 on a CPU, 512 on a GPU)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each loop keeps its best")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated subset of {LOOPS}")
-    p.add_argument("--force", action="store_true", help="run --size sd21 on a CPU anyway (very slow)")
-    p.add_argument("--rss", action="store_true", help="CPU: also measure peak resident growth in child processes")
+    p.add_argument("--rss", action="store_true", help="CPU: resident growth during steps, one child process per loop")
+    p.add_argument("--fixed-cost", action="store_true", help="the node's per-call costs against a 200-step run")
+    p.add_argument("--project", action="store_true", help="FLOPs at SD1.5 512 px / SDXL 1024 px and GPU times")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return child_memory(args)
-    device = torch.device(args.device)
-    if args.size == "sd21" and device.type == "cpu" and not args.force:
-        print("refusing --size sd21 on CPU (one 512 px SD2.1 step is ~1.7 TFLOP). Use --device cuda, or --force.",
-              file=sys.stderr)
+    torch.set_num_threads(1)
+    path = find_comfyui()
+    if path is None:
+        print(skip_reason(), file=sys.stderr)
         return 2
+    env = import_comfyui(path)
+    mods = Mods(load_pack(env.nodes, REPO))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        env.args.cpu = False  # pragma: no cover - a GPU machine imports ComfyUI with its device
     names = [n.strip() for n in args.loops.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOOPS]
-    if unknown or "reference" not in names:
-        print(f"--loops: unknown {unknown} (choose from {LOOPS}; 'reference' is required)", file=sys.stderr)
+    if unknown:
+        print(f"--loops: unknown {unknown}; choose from {LOOPS}", file=sys.stderr)
         return 2
-    steps = args.steps or (5 if args.size == "tiny" else 10)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
-    base, res = build(args.size, device)
-    pixels = photo(res, device)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    n_unet = sum(q.numel() for q in base.unet.parameters()) / 1e6
-    print(f"device {dev} | torch {torch.__version__} | size {args.size} ({res} px, UNet {n_unet:.1f}M) | batch "
-          f"{args.batch} | best of {args.rounds} rounds of {steps} steps | threads {torch.get_num_threads()}")
-    loops = {n: make(n, base, pixels, args.batch, device) for n in names}
-    for step in loops.values():
-        for _ in range(args.warmup):
-            step()
-    saved = {n: saved_mib(step, [base.unet, base.vae, *base.text_encoders, *step.models]) for n, step in loops.items()}
+    models = {"model": build_unet(SD15_UNET, "sd15", seed=0, inference=True, device=args.device),
+              "clip": build_clip(seed=1, inference=True),
+              "ref_model": build_unet(SD15_UNET, "sd15", seed=0, inference=False, device=args.device),
+              "ref_clip": build_clip(seed=1, inference=False)}
+    for m in (models["ref_model"].model, models["ref_clip"].cond_stage_model):
+        m.requires_grad_(False)
+    photos = photo_set(mods.core, args.res)
+    if args.child:
+        return child_rss(args, mods, models, photos)
+    loops = {n: make_loop(n, mods, models, photos) for n in names}
+    print(f"ComfyUI {path.name} | torch {torch.__version__} | device {args.device} | SD1.5 UNet "
+          f"{sum(q.numel() for q in models['model'].model.diffusion_model.parameters()) / 1e6:.0f} M + CLIP-L, random "
+          f"weights | {args.res} px, batch 1 | {torch.get_num_threads()} thread | best of {args.rounds} rounds of "
+          f"{args.steps} steps")
     best = {n: float("inf") for n in loops}
-    peak = {n: float("nan") for n in loops}
     for _ in range(args.rounds):
-        for n, step in loops.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            best[n] = min(best[n], ts.time_steps(step, steps=steps, device=device))
-            if device.type == "cuda":
-                own = sum(t.numel() * t.element_size() for m in step.models
-                          for t in [*m.parameters(), *m.buffers()])
-                peak[n] = (torch.cuda.max_memory_allocated(device) - before + own) / 2**20
+        for n, loop in loops.items():
+            best[n] = min(best[n], time_steps(loop, args.steps, device))
+    mem = {n: held(loop, mods, device) for n, loop in loops.items()}
+    fl = {n: flops(loop) for n, loop in loops.items()}
+    rss = {}
     if args.rss and device.type == "cpu" and Path("/proc/self/clear_refs").exists():
-        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        env_vars = dict(os.environ, OMP_NUM_THREADS="1", COMFYUI_PATH=str(path))
         for n in loops:
-            out = subprocess.run([sys.executable, __file__, "--size", args.size, "--batch", str(args.batch), "--child",
-                                  n], capture_output=True, text=True, env=env, check=True)
-            peak[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-    mem = "peak MiB" if device.type == "cuda" else "peak RSS growth MiB"
-    print(f"{'loop':<28}{'steps/s':>10}{'s/step':>10}{'saved for backward MiB':>24}{mem:>22}")
+            out = subprocess.run([sys.executable, __file__, "--res", str(args.res), "--steps", str(args.steps),
+                                  "--child", n], capture_output=True, text=True, env=env_vars, check=True)
+            rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
+    unit = "CPU s/step" if device.type == "cpu" else "s/step"
+    held_label = "held MiB (fwd->bwd)" if device.type == "cpu" else "peak MiB"
+    print(f"{'loop':<30}{unit:>12}{held_label:>22}{'GFLOP/step':>12}{'RSS growth MiB':>16}")
     for n in loops:
-        rate = steps / best[n]
-        print(f"{n:<28}{rate:>10.2f}{1 / rate:>10.3f}{saved[n]:>24.2f}{peak[n]:>22.1f}")
-    ref = steps / best["reference"]
-    for n in loops:
-        if n != "reference":
-            line = f"{n} / reference: {steps / best[n] / ref:.2f}x steps/s, {saved[n] / saved['reference']:.2f}x saved"
-            if not np.isnan(peak[n]):
-                line += f", {peak[n] / peak['reference']:.2f}x peak memory"
+        print(f"{n:<30}{best[n]:>12.2f}{mem[n]:>22.1f}{fl[n] / 1e9:>12.1f}{rss.get(n, float('nan')):>16.1f}")
+    pairs = [("node TI", "reference TI")] + [(n, "reference TI + class forward") for n in loops
+                                              if n.startswith("node") and n != "node TI"]
+    print("ratios to the reference (goal: time <= 1.15x, memory growth <= 1.1x):")
+    for ours, ref in pairs:
+        if ours in loops and ref in loops:
+            line = (f"  {ours} / {ref}: time {best[ours] / best[ref]:.2f}x, held {mem[ours] / mem[ref]:.2f}x, "
+                    f"FLOPs {fl[ours] / fl[ref]:.2f}x")
+            if ours in rss and ref in rss and rss[ref] > 0:
+                line += f", RSS growth {rss[ours] / rss[ref]:.2f}x"
             print(line)
-    if args.size in GOALS_GIB and device.type == "cuda" and "ours per_stage attn ckpt" in peak:
-        print(f"goal: batch-1 peak with checkpointing <= {GOALS_GIB[args.size]} GB; measured "
-              f"{peak['ours per_stage attn ckpt'] / 1024:.2f} GiB")
-    if args.size == "tiny":
-        print("note: tiny models are dominated by per-op overhead; the real ratio needs --size sd21 on a GPU")
+    if args.fixed_cost and "node attn" in best:
+        fixed_cost(mods, models, args.res, best["node attn"])
+    if args.project:
+        project(mods)
     return 0
 
 

@@ -40,7 +40,8 @@ MAX_NAME_BYTES = 200
 def sanitize_name(name: str) -> str:
     """A file name that is safe on every OS: Unicode letters and digits (NFC-normalised), ``._-``;
     anything else becomes ``_``. Raises ``ValueError`` for a path (``/``, ``\\``, ``..``), a Windows
-    device name (``CON``, ``nul.txt``, ``COM1`` …), or a name with nothing usable in it.
+    device name (``CON``, ``nul.txt``, ``COM1`` …), a name with nothing usable in it, or one longer than
+    ``MAX_NAME_BYTES`` in UTF-8 (never cut silently).
     """
     text = unicodedata.normalize("NFC", name).strip()
     text = text[: -len(".safetensors")] if text.lower().endswith(".safetensors") else text
@@ -53,9 +54,11 @@ def sanitize_name(name: str) -> str:
     if base.split(".")[0].upper() in _WINDOWS_DEVICES:
         raise ValueError(f"embedding name {name!r} is a Windows device name ({base.split('.')[0].upper()}); "
                          "Windows cannot open such a file. Choose another name, e.g. 'my_identity'.")
-    while len(base.encode("utf-8")) > MAX_NAME_BYTES:
-        base = base[:-1]
-    return base.rstrip("._-")
+    size = len(base.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"embedding name {name[:40]!r}... is {size} bytes long as a file name; at most {MAX_NAME_BYTES} "
+                         "fit every OS's paths (Windows: 260 characters for the whole path). Choose a shorter name.")
+    return base
 
 
 def embedding_tensors(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 LAYOUTS = ("words", "per_stage")
 #: how a per-stage identity picks its stage: by denoising time or by UNet block (dreamid_core.learning.stages)
 STAGE_KINDS = ("time", "unet")
+#: how the vectors' norms were learned: "vocabulary" = each vector kept at the median norm of the text encoder's
+#: word embeddings, only its direction learned (Directional Textual Inversion); "free" = plain textual inversion
+NORMS = ("vocabulary", "free")
 IDENTITY_FORMAT_VERSION = 1
 META_KEY = "dreamid_identity"
 KV_INDEX = {"key": 0, "value": 1, 0: 0, 1: 1}
@@ -73,6 +76,7 @@ class IdentityConfig:
     resolution: int = 512
     base_model: str | None = None
     base_model_hash: str | None = None
+    norm: str = "free"  # files written before norms were chosen were learned free
     format_version: int = IDENTITY_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +89,8 @@ class IdentityConfig:
             raise ConfigError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}")
         if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
             raise ConfigError(f"num_stages must be an integer >= 1, got {self.num_stages!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not (self.init == "encoder" or self.init.startswith(("word:", "file:"))):
             raise ConfigError(f"init must be 'encoder', 'word:<word>' or 'file:<name>', got {self.init!r}")
 
@@ -110,12 +116,54 @@ class IdentityConfig:
             raise WeightFormatError(f"{source}: invalid identity config: {exc}") from exc
 
 
+RESUME_KEY = "dreamid_resume"
+
+
+@dataclass
+class ResumeState:
+    """What continuing a learning run needs besides the vectors (a snapshot's, see the module docstring).
+
+    ``step``: steps done (the next one to run); ``optimizer``: Adam's moments per text encoder key
+    (``{"clip_l": {"exp_avg": t, "exp_avg_sq": t}}``, the vectors' shapes) and ``optimizer_steps`` its step
+    count per key; ``run``: the run's settings that the identity config does not hold (batch size,
+    augmentation, photos digest, run id), compared when a run is resumed."""
+
+    step: int
+    optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    optimizer_steps: dict[str, float] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{RESUME_KEY}.{key}.{name}": t.detach().to("cpu", torch.float32).contiguous()
+                for key, moments in self.optimizer.items() for name, t in moments.items()}
+
+    def metadata(self) -> str:
+        return json.dumps({"step": self.step, "optimizer_steps": self.optimizer_steps, "run": self.run},
+                          sort_keys=True, default=str)
+
+    @classmethod
+    def read(cls, meta: str, raw: dict[str, torch.Tensor], source: str) -> ResumeState:
+        try:
+            data = json.loads(meta)
+            step, steps, run = int(data["step"]), {k: float(v) for k, v in data["optimizer_steps"].items()}, data["run"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise WeightFormatError(f"{source}: its resume state is unreadable ({exc}); load it as an identity "
+                                    "without resuming, or use another snapshot") from exc
+        optimizer: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in raw.items():
+            _, key, moment = name.split(".", 2)
+            optimizer.setdefault(key, {})[moment] = t.to(torch.float32)
+        return cls(step, optimizer, steps, run if isinstance(run, dict) else {})
+
+
 @dataclass
 class LearnedIdentity:
-    """An identity: ``config`` plus tensors per text encoder (see the module docstring for shapes)."""
+    """An identity: ``config`` plus tensors per text encoder (see the module docstring for shapes), and
+    for a learning run's snapshot the :class:`ResumeState` that continues it."""
 
     config: IdentityConfig
     tensors: dict[str, torch.Tensor]
+    resume: ResumeState | None = None
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -192,6 +240,9 @@ def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, 
     else:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ident.tensors.items()}
     meta = {"format": "pt", META_KEY: ident.config.to_json()}
+    if ident.resume is not None:
+        tensors.update(ident.resume.tensors())
+        meta[RESUME_KEY] = ident.resume.metadata()
     atomic_save_safetensors(tensors, path, meta)
     logger.info("wrote %s identity %s (%s)", ident.layout, path,
                 ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
@@ -202,14 +253,16 @@ def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | Non
     """Read a pack identity file or a plain textual-inversion file (see the module docstring)."""
     path = Path(path)
     raw, meta = read_embedding_file(path)
+    resume_raw = {k: raw.pop(k) for k in [k for k in raw if k.startswith(RESUME_KEY + ".")]}
     if META_KEY in meta:
         config = IdentityConfig.from_json(meta[META_KEY], source=str(path))
+        resume = ResumeState.read(meta[RESUME_KEY], resume_raw, str(path)) if RESUME_KEY in meta else None
         keys = [k for k, _ in TEXT_ENCODER_PRESETS.get(config.target, ())]
         if single_key is None and len(keys) == 1:
             single_key = keys[0]  # the file says which family it was learned on: its one tensor is that encoder's
         tensors = embedding_parts(raw, single_key=single_key, source=str(path)) if config.layout == "words" else {
             k: v.to(torch.float32) for k, v in raw.items()}
-        return LearnedIdentity(config, tensors)
+        return LearnedIdentity(config, tensors, resume)
     parts = embedding_parts(raw, single_key=single_key, source=str(path))
     for key, t in parts.items():
         if not torch.isfinite(t).all() or not math.isfinite(float(t.abs().max())):

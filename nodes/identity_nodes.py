@@ -150,6 +150,8 @@ class DreamIDLoadIdentity:
         logger.info("DreamIdentity: loaded %s identity %s (k=%d)", ident.layout, identity_name, ident.num_tokens)
         embeds = representative_embeds(ident)
         embeds.info["source"] = identity_name
+        embeds.info["identity"] = ident  # the whole identity (and a snapshot's resume state) for the learner
+        ident.config.extra.setdefault("source", identity_name)
         return (ident, embeds)
 
 

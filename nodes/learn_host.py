@@ -116,6 +116,15 @@ class ComfyHost:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """The shared modules as the user gave them (for sampling a preview mid-run), then open again."""
+        self.close()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
     def close(self) -> None:
         self.recorder.recording = self.recorder.collecting = False
         self.recorder.maps.clear()
@@ -186,6 +195,13 @@ class ComfyHost:
             table = model.transformer.get_input_embeddings().weight
             parts[f"clip_{key}"] = table[ids].detach().to("cpu", torch.float32).clone()
         return parts
+
+    def vocabulary_norm(self) -> dict[str, float]:
+        out = {}
+        for key in self.tokenizer_keys:
+            table = text_encoder(self.clip, key)[1].transformer.get_input_embeddings().weight
+            out[f"clip_{key}"] = float(table.detach().float().norm(dim=-1).median())
+        return out
 
     def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:
         tokens, info = tokenize_with_identities(self.clip, prompt, {PLACEHOLDER: vectors})

@@ -11,16 +11,21 @@ DreamID_InjectIDTokens, to write it).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import uuid
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 import torch
 
+from ..dreamid_core import sanitize_name
 from ..dreamid_core.detectors import make_detector
 from ..dreamid_core.faces import ON_MISSING, FacePipeline
 from ..dreamid_core.identity import fit_parts, parts_from_crops
-from ..dreamid_core.learned_identity import LAYOUTS, STAGE_KINDS, IdentityConfig
+from ..dreamid_core.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
 from ..dreamid_core.learning import (
     IdentityLearner,
     LearnSettingsError,
@@ -28,9 +33,12 @@ from ..dreamid_core.learning import (
     check_settings,
     from_word_rows,
 )
+from ..dreamid_core.learning.resume import check_resume
+from ..dreamid_core.trigger import find_triggers
 from .comfy_tokens import tokenizer_keys
-from .identity_nodes import representative_embeds
+from .identity_nodes import IDENTITY_FOLDER, representative_embeds
 from .learn_host import ComfyHost, encode_photos
+from .learn_watch import PREVIEW_MAX_SIDE, Previews, Snapshots
 from .loss_plot import loss_curve_image
 from .validation import NodeInputError, require_finite
 
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
 NODE = "DreamID_LearnIdentity"
 FAMILIES = {("l",): "sd1", ("h",): "sd2", ("g", "l"): "sdxl"}
+PREVIEW_PROMPT = "a portrait photo of S*, looking at the camera"
 _PIPELINE: dict[str, FacePipeline] = {}
 
 
@@ -74,12 +83,23 @@ def check_models(model, clip, vae) -> str:
     return family
 
 
+def _snapshot_of(init_identity) -> LearnedIdentity | None:
+    """The learned identity behind ``init_identity`` (DREAMID_IDENTITY, or DREAMID_EMBEDS that LoadIdentity
+    made from one), for resuming and per-stage starts."""
+    if isinstance(init_identity, LearnedIdentity):
+        return init_identity
+    return getattr(init_identity, "info", {}).get("identity")
+
+
 def _start(host: ComfyHost, faces, encoder, init_identity, init_word: str, k: int):
     """(start vectors, init label): an identity > the encoder's S* of the photos > the init word."""
     widths = {key: int(v.shape[-1]) for key, v in host.word_embeddings("person").items()}
     if init_identity is not None:
-        parts = fit_parts(init_identity.parts, widths, f"{NODE}: the init identity", "this CLIP")
-        return parts, "file:" + str(init_identity.info.get("source") or "init_identity")
+        learned = _snapshot_of(init_identity)
+        parts = learned.tensors if learned is not None else init_identity.parts
+        source = (learned.config.extra.get("source") if learned is not None else None) or \
+            getattr(init_identity, "info", {}).get("source") or "init_identity"
+        return fit_parts(parts, widths, f"{NODE}: the init identity", "this CLIP"), f"file:{source}"
     if encoder is not None:
         mm.load_models_gpu([encoder.patcher])
         parts = parts_from_crops(encoder.patcher.model, torch.stack([f.crop for f in faces]),
@@ -142,7 +162,9 @@ class DreamIDLearnIdentity:
             "optional": {
                 "encoder": ("DREAMID_ENCODER", {"tooltip": "Init from the encoder's S* (E4T style) and use its "
                                                            "face detector."}),
-                "init_identity": ("DREAMID_EMBEDS", {"tooltip": "Init from these vectors (e.g. DreamID_LoadIdentity)."}),
+                "init_identity": ("DREAMID_EMBEDS,DREAMID_IDENTITY", {"tooltip": (
+                    "Start from these vectors (DreamID_LoadIdentity). A snapshot of a run continues that run: "
+                    "N steps, then N more, learn what 2N steps in one run learn.")}),
                 "num_stages": ("INT", {"default": 5, "min": 1, "max": 20, "tooltip": "per_stage: number of stages."}),
                 "stage_kind": (list(STAGE_KINDS), {"default": "time", "tooltip": (
                     "per_stage: time = equal bins of denoising time (same for every model family); unet = by UNet "
@@ -152,26 +174,55 @@ class DreamIDLearnIdentity:
                     "memory, slower). With gradient_checkpointing: SDXL at 1024 px on 12 GB cards.")}),
                 "on_missing": (list(ON_MISSING), {"default": "error", "tooltip": (
                     "A photo without a face: error (stop and name it) or skip it (listed in the summary).")}),
+                "norm": (list(NORMS), {"default": "vocabulary", "tooltip": (
+                    "vocabulary: every vector keeps the median norm of the CLIP's word embeddings and only its "
+                    "direction is learned (Directional Textual Inversion: the identity keeps following the rest of "
+                    "the prompt). free: plain textual inversion, norms grow as they like.")}),
+                "name": ("STRING", {"default": "my_identity", "tooltip": (
+                    "Snapshots are saved as models/dreamidentity/identities/NAME_STEP.safetensors.")}),
+                "preview_every": ("INT", {"default": 50, "min": 0, "max": 10000, "tooltip": (
+                    "Every N steps (and at the last) render the identity so far with the preview prompt, on the "
+                    "node and in the previews output. 0 = no previews.")}),
+                "preview_prompt": ("STRING", {"default": PREVIEW_PROMPT, "tooltip": (
+                    "The prompt of the previews; S* is the identity. Same seed every time: only the identity "
+                    "changes.")}),
+                "snapshot_every": ("INT", {"default": 50, "min": 0, "max": 10000, "tooltip": (
+                    "Every N steps save the identity so far (and on Cancel or an error), with what resuming "
+                    "needs: load it with DreamID_LoadIdentity into init_identity to continue. 0 = only on "
+                    "Cancel or error.")}),
+                "keep_last": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": (
+                    "Keep only this run's last N periodic snapshots (older ones of THIS run are deleted). "
+                    "0 = keep all.")}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("DREAMID_IDENTITY", "DREAMID_EMBEDS", "IMAGE")
-    RETURN_NAMES = ("identity", "id_embeds", "loss_curve")
+    RETURN_TYPES = ("DREAMID_IDENTITY", "DREAMID_EMBEDS", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("identity", "id_embeds", "loss_curve", "previews")
     OUTPUT_TOOLTIPS = ("The learned identity (for DreamID_ApplyPerStageIdentity / DreamID_SaveLearnedIdentity).",
                        "S* for InjectIDTokens / SaveIDEmbedding (per_stage: the first sampling stage's keys).",
-                       "Loss per step (log scale).")
+                       "Loss per step (log scale).",
+                       "The previews, one per preview step, labelled with their step (= the snapshots' steps).")
     FUNCTION = "learn"
     CATEGORY = CATEGORY
 
     def learn(self, model, clip, vae, image, steps, learning_rate, attention_loss_weight, layout, num_tokens,
               init_word, class_word, resolution, batch_size, seed, gradient_checkpointing, encoder=None,
-              init_identity=None, num_stages=5, stage_kind="time", offload=False, on_missing="error"):
+              init_identity=None, num_stages=5, stage_kind="time", offload=False, on_missing="error",
+              norm="vocabulary", name="my_identity", preview_every=50, preview_prompt=PREVIEW_PROMPT,
+              snapshot_every=50, keep_last=0, unique_id=None):
+        # -- every cheap check before a photo is looked at --------------------------------------------
         require_finite(NODE, learning_rate=learning_rate, attention_loss_weight=attention_loss_weight)
         family = check_models(model, clip, vae)
+        _intervals(steps, preview_every=preview_every, snapshot_every=snapshot_every, keep_last=keep_last)
+        name = _name(name)
+        if preview_every and not find_triggers(str(preview_prompt), ["S*"]):
+            raise NodeInputError(f"{NODE}: preview_prompt {preview_prompt!r} has no S*; write S* where the person "
+                                 "goes, e.g. 'a portrait photo of S*'.")
         config = IdentityConfig(layout=layout, num_tokens=num_tokens, num_stages=num_stages, stage_kind=stage_kind,
                                 target=family, init=f"word:{init_word}", class_word=str(class_word).strip(),
                                 steps=steps, lr=learning_rate, attn_weight=attention_loss_weight, seed=seed,
-                                resolution=resolution)
+                                resolution=resolution, norm=norm)
         options = RunOptions(batch_size=batch_size, gradient_checkpointing=bool(gradient_checkpointing))
         host = ComfyHost(model, clip, gradient_checkpointing=bool(gradient_checkpointing), offload=bool(offload),
                          max_queries=options.max_queries)
@@ -182,30 +233,121 @@ class DreamIDLearnIdentity:
         _word_rows(host, class_word, "class_word")
         if init_identity is None and encoder is None:
             _word_rows(host, init_word, "init_word")
+        snapshot = _snapshot_of(init_identity)
+        resume = snapshot if snapshot is not None and snapshot.resume is not None else None
+        run = {"run_id": resume.resume.run.get("run_id") if resume else uuid.uuid4().hex, "batch_size": batch_size,
+               "augment": options.augment, "photos": _digest(image), "name": name}
+        notes_resume = []
+        if resume is not None:
+            try:
+                notes_resume = check_resume(config, run, resume)
+            except LearnSettingsError as exc:
+                raise NodeInputError(f"{NODE}: {exc}") from exc
+        folder = Path(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0])
+        snaps = Snapshots(folder, name, every=snapshot_every, keep_last=keep_last, run=run)
+        first = resume.resume.step if resume else 0
+        snaps.check_free(first, steps)
+        previews = Previews(model, clip, vae, str(preview_prompt), every=preview_every, seed=seed,
+                            resolution=resolution)
+        # -- the run ---------------------------------------------------------------------------------------
         cancel = mm.throw_exception_if_processing_interrupted
         bar = comfy.utils.ProgressBar(steps)
-        history = []
+        bar.update_absolute(first, steps)
+        history: list[dict] = []
+        learner = None
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 pipeline = _face_pipeline(encoder)
                 report = pipeline.process(image, on_missing=on_missing, callback=lambda i, n: cancel())
                 start, source = _start(host, report.faces, encoder, init_identity, init_word, num_tokens)
                 config.init, config.num_tokens = source, int(next(iter(start.values())).shape[-2])
+                if resume is not None:
+                    config.init = resume.config.init
                 photos = encode_photos(vae, host, image, report.faces, resolution, cancel)
                 with host:
-                    learner = IdentityLearner(host, photos, config, start, options)
+                    learner = IdentityLearner(host, photos, config, start, options,
+                                              resume=resume.resume if resume else None)
 
                     def on_step(i, stats):
                         history.append({"loss": stats.loss, "diffusion": stats.diffusion,
                                         "attention": stats.attention})
-                        bar.update_absolute(i + 1, steps)
+                        done = i + 1
+                        preview = None
+                        if previews.due(done, steps):
+                            with host.paused():
+                                _, pil = previews.render(learner.identity(), done)
+                            preview = ("JPEG", pil, PREVIEW_MAX_SIDE)
+                        if snaps.due(done):
+                            snaps.write(learner.identity, done, periodic=True)
+                        bar.update_absolute(done, steps, preview)
 
                     result = learner.run(on_step=on_step, cancel=cancel)
-        finally:
+        except BaseException as exc:
             mm.soft_empty_cache()
+            _save_on_stop(exc, learner, snaps, unique_id)
+            raise
+        mm.soft_empty_cache()
         ident = result.identity
-        skipped = [i for i, _ in report.skipped]
-        notes = [f"{steps} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, face attention "
+        final = {"loss": history[-1]["loss"]} if history else {"loss": float("nan")}
+        norms = ident.config.extra["norms"]
+        vocab = ident.config.extra["vocabulary_norm"]
+        notes = [f"{steps - first} steps{f' (resumed at {first})' if first else ''}, loss "
+                 f"{history[0]['loss'] if history else float('nan'):.4f} -> {final['loss']:.4f}, face attention "
                  f"{result.initial.face_mass:.3f} -> {result.final.face_mass:.3f}, {len(photos)} photo(s)"
-                 + (f", skipped photos {skipped} (no face)" if skipped else "")]
-        return {"ui": {"text": notes}, "result": (ident, representative_embeds(ident), loss_curve_image(history))}
+                 + (f", skipped photos {[i for i, _ in report.skipped]} (no face)" if report.skipped else ""),
+                 "norms " + "; ".join(f"{k} {min(v):.3f}-{max(v):.3f} (vocabulary median {vocab[k]:.3f})"
+                                      for k, v in norms.items())]
+        if notes_resume:
+            notes.append("differs from the snapshot: " + ", ".join(notes_resume))
+        if snaps.written:
+            notes.append(f"snapshots: {', '.join(snaps.label(p) for p in snaps.written[-3:])}")
+        return {"ui": {"text": notes}, "result": (ident, representative_embeds(ident), loss_curve_image(history),
+                                                   previews.output())}
+
+
+def _intervals(steps: int, **values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or value < 0:
+            raise NodeInputError(f"{NODE}: {key}={value!r} must be an integer >= 0 (0 = off).")
+        if key != "keep_last" and value > steps:
+            raise NodeInputError(f"{NODE}: {key}={value} is more than steps={steps}: it would never happen; set it "
+                                 f"to at most {steps}, or 0 for none.")
+
+
+def _name(name: str) -> str:
+    try:
+        return sanitize_name(str(name))
+    except ValueError as exc:
+        raise NodeInputError(f"{NODE}: name: {exc}".replace("embedding name", "snapshot name")) from exc
+
+
+def _digest(image: torch.Tensor) -> str:
+    return hashlib.sha256(image.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _save_on_stop(exc: BaseException, learner, snaps: Snapshots, unique_id) -> None:
+    """On Cancel or an error mid-run: the identity so far as a snapshot, and where it is."""
+    if learner is None or learner.next_step == 0:
+        return
+    try:
+        path = snaps.write(learner.identity, learner.next_step, periodic=False)
+    except Exception:  # noqa: BLE001 - never hide the original error behind a failed snapshot
+        logger.exception("DreamIdentity: the snapshot on stop could not be written")
+        return
+    where = (f"step {learner.next_step} saved as {snaps.label(path)}: load it with DreamID_LoadIdentity into "
+             "init_identity to continue")
+    logger.warning("DreamIdentity: learning stopped at %s", where)
+    _tell(unique_id, f"stopped at {where}")
+    if isinstance(exc, Exception) and exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} (The identity of {where}.)", *exc.args[1:])
+
+
+def _tell(unique_id, text: str) -> None:
+    """Text on the node (ComfyUI's progress text), where the server is running."""
+    try:
+        from server import PromptServer
+
+        if unique_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, unique_id)
+    except Exception:  # noqa: BLE001 - in-process use without a server
+        logger.debug("no server to show %r on", text)

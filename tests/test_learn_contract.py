@@ -142,7 +142,8 @@ def test_the_node_and_the_command_line_give_the_same_file(pack, twin, photo, tmp
         ident = node.learn(model=twin.model, clip=twin.clip, vae=twin.vae, image=image, steps=6, learning_rate=0.01,
                            attention_loss_weight=0.5, layout="words", num_tokens=2, init_word="person",
                            class_word="person", resolution=RES, batch_size=1, seed=0,
-                           gradient_checkpointing=False)["result"][0]
+                           gradient_checkpointing=False, preview_every=0, snapshot_every=0,
+                           norm="vocabulary")["result"][0]
     assert set(ident.tensors) == set(from_cli.tensors)
     for key, t in ident.tensors.items():
         torch.testing.assert_close(t, from_cli.tensors[key], rtol=0, atol=1e-5)

@@ -205,7 +205,8 @@ def test_measurement_is_bounded_encodes_once_and_stops_on_cancel(pack, sd1):
 def _node(pack, tw, **kw):
     args = dict(model=tw.model, clip=tw.clip, vae=tw.vae, image=photo(), steps=2, learning_rate=0.01,
                 attention_loss_weight=0.003, layout="words", num_tokens=2, init_word="person", class_word="person",
-                resolution=RES, batch_size=1, seed=0, gradient_checkpointing=False) | kw
+                resolution=RES, batch_size=1, seed=0, gradient_checkpointing=False, preview_every=0,
+                snapshot_every=0) | kw
     with torch.inference_mode():
         return pack["nodes"]["DreamID_LearnIdentity"]().learn(**args)["result"]
 
@@ -225,7 +226,7 @@ def test_cancel_and_errors_leave_no_gradient_and_the_same_weights(pack, sd1):
         mm.interrupt_current_processing(False)
     errors = pack["mods"]("dreamid_core.learning")
     with pytest.raises(errors.LearningDivergedError, match="the loss became"):
-        _node(pack, sd1, steps=5, learning_rate=1e30, layout="per_stage")
+        _node(pack, sd1, steps=5, learning_rate=1e30, layout="per_stage", norm="free")
     assert all(w.grad is None for w in ws) and [id(w) for w in weights(sd1)] == ids
     dm = sd1.model.model.diffusion_model
     assert not any("forward" in m.__dict__ for m in [*dm.modules(), *sd1.clip.cond_stage_model.modules()])

@@ -4,7 +4,8 @@ A host wraps one frozen diffusion model with its text encoder(s) and never learn
 The learner (:mod:`.learner`) owns seeding, batches, prompts, the loss and the optimiser; a host only
 
 - ``word_embeddings(word) -> {key: [m, D]}``: the input embedding rows of ``word``'s tokens per text
-  encoder (inits, the class word of the reference prompt);
+  encoder (inits, the class word of the reference prompt); ``vocabulary_norm() -> {key: float}``: the
+  median norm of each text encoder's word embeddings (the norm constraint);
 - ``encode(prompt, vectors) -> Encoded``: ``prompt`` with the placeholder word (``prompts.PLACEHOLDER``)
   replaced by ``vectors {key: [k, D]}`` exactly as at generation time; gradients flow into the
   vectors when grad mode is on (the host keeps autograd off every weight);
@@ -66,6 +67,8 @@ class LearnHost(Protocol):
     max_queries: int | None
 
     def word_embeddings(self, word: str) -> dict[str, torch.Tensor]: ...
+
+    def vocabulary_norm(self) -> dict[str, float]: ...
 
     def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded: ...
 

@@ -17,6 +17,16 @@ Only the identity's vectors learn (float32 ``torch.nn.Parameter`` s); the model 
     loss      = diffusion + attn_weight * attention        -> Adam on the vectors
 
 A non-finite loss stops the run (:class:`LearningDivergedError`) before it reaches the vectors.
+
+Norms (``config.norm``): "vocabulary" keeps every vector at the median norm of its text encoder's word
+embeddings and learns only its direction (Directional Textual Inversion, arXiv 2512.13672): the start is
+scaled onto that sphere and each Adam update is followed by the same projection, so the constraint
+holds after every step. "free" is plain textual inversion.
+
+Resume: :meth:`resume_state` is everything a run needs to continue besides the vectors (steps done,
+Adam's moments and step counts); a learner made with ``resume=`` continues at that step. Because every
+step's draws come from ``step_generator(seed, step)``, N steps, a snapshot, and N more steps give the
+vectors of 2N steps in one run, bit for bit on the same device.
 ``measure()`` is the before/after report: diffusion loss and face mass on fixed (photo, timestep)
 pairs with fixed noise, the same for every run of the same photos, at most ``measure_pairs`` forwards.
 """
@@ -33,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..identity import fit_parts
-from ..learned_identity import IdentityConfig, LearnedIdentity
+from ..learned_identity import IdentityConfig, LearnedIdentity, ResumeState
 from .attention_loss import face_attention_loss, face_mass, resize_mask
 from .host import Conditioning, LearnHost, encode_recomputed
 from .init import start_tensors
@@ -74,7 +84,7 @@ class IdentityLearner:
     """Learns one identity on a frozen model behind ``host`` (see the module docstring)."""
 
     def __init__(self, host: LearnHost, photos: PhotoSet, config: IdentityConfig, start: dict[str, torch.Tensor],
-                 options: RunOptions | None = None) -> None:
+                 options: RunOptions | None = None, *, resume: ResumeState | None = None) -> None:
         self.options = opts = options or RunOptions()
         check_settings(config, opts, host.resolution_multiple)
         if photos.resolution != config.resolution:
@@ -98,6 +108,12 @@ class IdentityLearner:
         #: text encodings that a step needs at once: recomputed in backward when there are many
         self._recompute_text = opts.gradient_checkpointing or (
             config.layout == "per_stage" and config.stage_kind == "unet" and S > 1)
+        self.vocabulary_norm = host.vocabulary_norm()  # {key: median norm of the word embeddings}
+        self.norm_targets = self.vocabulary_norm if config.norm == "vocabulary" else None
+        if resume is not None:
+            self.load_resume(resume)  # its vectors are on the sphere already: projecting again would round them
+        else:
+            self.project_norms()
 
     # -- prompts --------------------------------------------------------------------------------------
 
@@ -219,8 +235,50 @@ class IdentityLearner:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.project_norms()
         self.next_step = index + 1
         return stats
+
+    # -- norms and resuming ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def project_norms(self) -> None:
+        """With the vocabulary norm: every vector (last dimension) back onto its encoder's sphere."""
+        if self.norm_targets is None:
+            return
+        for key, p in self.params.items():
+            p.mul_(self.norm_targets[key] / p.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def norms(self) -> dict[str, list[float]]:
+        """Each vector's norm, per text encoder key (words: k values; per_stage: S x 2 x k, flattened)."""
+        return {k: [round(float(v), 5) for v in p.detach().norm(dim=-1).flatten()] for k, p in self.params.items()}
+
+    def resume_state(self, run: dict | None = None) -> ResumeState:
+        """What continuing this run needs besides the vectors (see the module docstring)."""
+        moments, steps = {}, {}
+        for key, p in self.params.items():
+            st = self.optimizer.state.get(p)
+            if st:
+                moments[key] = {"exp_avg": st["exp_avg"].detach().cpu().clone(),
+                                "exp_avg_sq": st["exp_avg_sq"].detach().cpu().clone()}
+                steps[key] = float(st["step"])
+        return ResumeState(self.next_step, moments, steps, dict(run or {}))
+
+    def load_resume(self, resume: ResumeState) -> None:
+        for key, p in self.params.items():
+            moments = resume.optimizer.get(key)
+            if moments is None:
+                if resume.step:
+                    raise LearnSettingsError(f"the snapshot at step {resume.step} holds no optimizer state for {key}")
+                continue
+            for name in ("exp_avg", "exp_avg_sq"):
+                if tuple(moments[name].shape) != tuple(p.shape):
+                    raise LearnSettingsError(f"the snapshot's {key} {name} is {tuple(moments[name].shape)} but the "
+                                             f"run's vectors are {tuple(p.shape)}")
+            self.optimizer.state[p] = {"step": torch.tensor(resume.optimizer_steps[key], dtype=torch.float32),
+                                       "exp_avg": moments["exp_avg"].to(p.device, torch.float32).clone(),
+                                       "exp_avg_sq": moments["exp_avg_sq"].to(p.device, torch.float32).clone()}
+        self.next_step = int(resume.step)
 
     # -- the report -----------------------------------------------------------------------------------
 
@@ -257,9 +315,11 @@ class IdentityLearner:
     def vectors(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.params.items()}
 
-    def identity(self, **extra) -> LearnedIdentity:
-        config = dataclasses.replace(self.config, extra={**self.config.extra, **extra})
-        return LearnedIdentity(config, self.vectors())
+    def identity(self, resume: dict | None = None, **extra) -> LearnedIdentity:
+        """The identity so far; ``resume`` (the run's settings) makes it a snapshot that can be continued."""
+        norms = {"norms": self.norms(), "vocabulary_norm": {k: round(v, 5) for k, v in self.vocabulary_norm.items()}}
+        config = dataclasses.replace(self.config, extra={**self.config.extra, **norms, **extra})
+        return LearnedIdentity(config, self.vectors(), None if resume is None else self.resume_state(resume))
 
     def run(self, on_step: Callable[[int, StepStats], None] | None = None,
             cancel: Callable[[], None] | None = None) -> LearnResult:

@@ -27,7 +27,7 @@ import torch
 
 from dreamid_core import ConfigError, FacePipeline, detector_names, make_detector
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
-from dreamid_core.learned_identity import LAYOUTS, STAGE_KINDS, IdentityConfig, save_learned_identity
+from dreamid_core.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, save_learned_identity
 from dreamid_core.learning import IdentityLearner, LearnResult, RunOptions, check_settings
 
 from .data import detect_faces, encode_photos, photo_paths
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--init-file", type=Path, help="start from an identity or textual-inversion file")
     init.add_argument("--init-word", default="person", help="start from this word's embedding")
     p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if the encoder file has none")
+    p.add_argument("--norm", choices=NORMS, default="vocabulary",
+                   help="vocabulary: keep each vector at the median norm of the word embeddings and learn its direction "
+                        "(Directional Textual Inversion: keeps prompt following); free: plain textual inversion")
     p.add_argument("--class-word", default="person", help="the reference prompt's word for the attention loss")
     p.add_argument("--trigger", default="S*", help="the word that S* replaces in every prompt")
     p.add_argument("--steps", type=int, default=400, help="optimisation steps (a few hundred learn an identity)")
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> LearnResult:
         cfg = IdentityConfig(layout=args.layout, num_tokens=k, num_stages=args.num_stages, stage_kind=args.stage_kind,
                              target=base.family, init=init, class_word=args.class_word, steps=args.steps, lr=args.lr,
                              attn_weight=args.attn_weight, seed=args.seed, resolution=resolution,
-                             base_model=Path(args.base_model).name)
+                             base_model=Path(args.base_model).name, norm=args.norm)
         latents = encode_photos(photos, faces, base.vae, resolution=resolution, device=device)
         base.vae.to("cpu")  # not needed again: free the device memory
         learner = IdentityLearner(host, latents, cfg, start, opts)

@@ -107,6 +107,10 @@ class DiffusersHost:
             parts[key] = te.get_input_embeddings().weight[ids].detach().to("cpu", torch.float32).clone()
         return parts
 
+    def vocabulary_norm(self) -> dict[str, float]:
+        return {key: float(te.get_input_embeddings().weight.detach().float().norm(dim=-1).median())
+                for key, te in zip(self.keys, self.base.text_encoders, strict=True)}
+
     def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:
         k = next(iter(vectors.values())).shape[0]
         base = self.base
