@@ -7,4 +7,7 @@ loaded by every ComfyUI since 2023). The model code lives in ``dreamid_core`` (p
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+#: the pack's frontend extension: what a node reports ({"ui": {"text": ...}}) shown on the node
+WEB_DIRECTORY = "./web/js"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

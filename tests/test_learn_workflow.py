@@ -33,7 +33,8 @@ def tiny_learn(server, **learn) -> dict:
     prompt = ui_to_api(load_workflow(TEMPLATE), server.object_info())
     use_tiny_clip(prompt, "sd2", 0, init_seed=0)
     set_inputs(prompt, "LoadImage", image="learn_face.png")
-    set_inputs(prompt, "DreamID_LearnIdentity", steps=2, resolution=64, **learn)
+    set_inputs(prompt, "DreamID_LearnIdentity", **({"steps": 2, "resolution": 64, "preview_every": 2,
+                                                     "snapshot_every": 0} | learn))
     set_inputs(prompt, "DreamID_SaveLearnedIdentity", name="learned_tom", overwrite=True)
     set_inputs(prompt, "EmptyLatentImage", width=64, height=64)
     set_inputs(prompt, "KSampler", steps=2)
@@ -62,6 +63,20 @@ def test_template_per_stage_runs(server):
     result = server.run(tiny_learn(server, layout="per_stage", num_stages=2, seed=1), timeout=300)
     assert result.ok, f"{result.error}\n{server.log_tail()}"
     assert (server.models_dir("dreamidentity") / "identities" / "learned_tom.safetensors").is_file()
+
+
+def test_a_new_generation_prompt_does_not_learn_again(server):
+    prompt = tiny_learn(server, seed=5)
+    first = server.run(prompt, timeout=300)
+    assert first.ok, f"{first.error}\n{server.log_tail()}"
+    (apply,) = nodes_of(prompt, "DreamID_ApplyPerStageIdentity")
+    prompt[apply]["inputs"]["text"] = "a photo of S* as a pirate"
+    second = server.run(prompt, timeout=300)
+    assert second.ok, f"{second.error}\n{server.log_tail()}"
+    (learn,) = nodes_of(prompt, "DreamID_LearnIdentity")
+    cached = {n for kind, data in second.history["status"]["messages"] if kind == "execution_cached"
+              for n in data["nodes"]}
+    assert learn in cached and apply not in cached  # the learner's result is reused; only the prompt ran again
 
 
 def test_template_errors_name_the_node(server):

@@ -79,7 +79,7 @@ def tiny(prompt: dict) -> dict:
     set_inputs(prompt, "KSampler", steps=2)
     set_inputs(prompt, "DreamID_ScenePosition", width=64, height=64)
     set_inputs(prompt, "DreamID_HeadPlacement", width=64, height=64)
-    set_inputs(prompt, "DreamID_LearnIdentity", steps=2, resolution=64)
+    set_inputs(prompt, "DreamID_LearnIdentity", steps=2, resolution=64, preview_every=2, snapshot_every=0)
     return prompt
 
 
