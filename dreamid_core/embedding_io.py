@@ -124,7 +124,17 @@ def embedding_parts(raw: dict[str, Any], *, single_key: str | None = None,
     out = {}
     for k, t in parts.items():
         t = t.detach().to("cpu", torch.float32)
-        t = t[None] if t.ndim == 1 else t.reshape(-1, t.shape[-1])
+        if t.numel() == 0:
+            raise WeightFormatError(f"{source}: its {k} embedding is empty (shape {tuple(t.shape)}); the file is "
+                                    "damaged or was saved without vectors. Save the identity again.")
+        if t.ndim == 3 and t.shape[0] == 1:  # [1, k, D]: one batch of vectors
+            t = t[0]
+        if t.ndim == 1:
+            t = t[None]
+        if t.ndim != 2:
+            raise WeightFormatError(f"{source}: its {k} embedding has shape {tuple(t.shape)}; a textual-inversion "
+                                    "embedding is [k, width] (k vectors). Is this a per-stage identity? Load it from "
+                                    "models/dreamidentity/identities.")
         out[k] = t
     ks = {t.shape[0] for t in out.values()}
     if len(ks) != 1:
@@ -132,12 +142,29 @@ def embedding_parts(raw: dict[str, Any], *, single_key: str | None = None,
     return out
 
 
-def read_embedding_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+def _looks_pickled(path: Path) -> str | None:
+    """"a pickle" / "a torch.save zip (pickle inside)" when the file starts like one, else None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return "a torch.save zip file (a pickle inside)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle"
+    return None
+
+
+def read_embedding_file(path: str | os.PathLike[str], *, label: str | None = None
+                        ) -> tuple[dict[str, Any], dict[str, str]]:
     """The raw tensors and metadata of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.pth`` read with
-    ``torch.load(weights_only=True)`` only (a pickle that needs more may run code: refused)."""
+    ``torch.load(weights_only=True)`` only (a pickle that needs more may run code: refused). Messages name the
+    file as ``label`` (e.g. relative to its models folder) when given."""
     path = Path(path)
+    name = label or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embedding file {path} does not exist")
+        raise FileNotFoundError(f"embedding file {name} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -145,18 +172,23 @@ def read_embedding_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], d
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as exc:  # safetensors raises its own error types
-            raise WeightFormatError(f"{path}: not a readable .safetensors file ({exc})") from exc
+            kind = _looks_pickled(path)
+            if kind:
+                raise WeightFormatError(f"{name}: refused: it is {kind} renamed .safetensors, and loading a pickle "
+                                        "may run code. Get the real .safetensors file, or convert it with a tool you "
+                                        "trust.") from exc
+            raise WeightFormatError(f"{name}: not a readable .safetensors file ({exc})") from exc
     if path.suffix in (".pt", ".bin", ".pth"):
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError and friends: refuse, never unpickle code
             raise WeightFormatError(
-                f"{path}: refused. It cannot be read with torch.load(weights_only=True) ({type(exc).__name__}), so "
+                f"{name}: refused. It cannot be read with torch.load(weights_only=True) ({type(exc).__name__}), so "
                 "it may run code when loaded. Convert it to .safetensors with a tool you trust.") from exc
         if not isinstance(raw, dict):
-            raise WeightFormatError(f"{path}: holds a {type(raw).__name__}, expected a dict of tensors")
+            raise WeightFormatError(f"{name}: holds a {type(raw).__name__}, expected a dict of tensors")
         return raw, {}
-    raise WeightFormatError(f"{path}: unsupported extension {path.suffix!r}; use .safetensors (or .pt / .bin)")
+    raise WeightFormatError(f"{name}: unsupported extension {path.suffix!r}; use .safetensors (or .pt / .bin)")
 
 
 def read_embedding(path: str | os.PathLike[str], *, single_key: str | None = None) -> dict[str, torch.Tensor]:

@@ -249,24 +249,30 @@ def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, 
     return path
 
 
-def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | None = None) -> LearnedIdentity:
-    """Read a pack identity file or a plain textual-inversion file (see the module docstring)."""
+def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | None = None,
+                          label: str | None = None) -> LearnedIdentity:
+    """Read a pack identity file or a plain textual-inversion file (see the module docstring). Messages name
+    the file as ``label`` when given (the nodes pass its name relative to its models folder)."""
     path = Path(path)
-    raw, meta = read_embedding_file(path)
+    source = label or str(path)
+    raw, meta = read_embedding_file(path, label=label)
     resume_raw = {k: raw.pop(k) for k in [k for k in raw if k.startswith(RESUME_KEY + ".")]}
     if META_KEY in meta:
-        config = IdentityConfig.from_json(meta[META_KEY], source=str(path))
-        resume = ResumeState.read(meta[RESUME_KEY], resume_raw, str(path)) if RESUME_KEY in meta else None
+        config = IdentityConfig.from_json(meta[META_KEY], source=source)
+        resume = ResumeState.read(meta[RESUME_KEY], resume_raw, source) if RESUME_KEY in meta else None
         keys = [k for k, _ in TEXT_ENCODER_PRESETS.get(config.target, ())]
         if single_key is None and len(keys) == 1:
             single_key = keys[0]  # the file says which family it was learned on: its one tensor is that encoder's
-        tensors = embedding_parts(raw, single_key=single_key, source=str(path)) if config.layout == "words" else {
+        tensors = embedding_parts(raw, single_key=single_key, source=source) if config.layout == "words" else {
             k: v.to(torch.float32) for k, v in raw.items()}
-        return LearnedIdentity(config, tensors, resume)
-    parts = embedding_parts(raw, single_key=single_key, source=str(path))
+        try:
+            return LearnedIdentity(config, tensors, resume)
+        except WeightFormatError as exc:
+            raise WeightFormatError(f"{source}: {exc}") from exc
+    parts = embedding_parts(raw, single_key=single_key, source=source)
     for key, t in parts.items():
         if not torch.isfinite(t).all() or not math.isfinite(float(t.abs().max())):
-            raise WeightFormatError(f"{path}: embedding {key} holds NaN or infinity")
+            raise WeightFormatError(f"{source}: embedding {key} holds NaN or infinity")
     target = _TARGET_OF_KEYS.get(tuple(sorted(parts)), "unknown")
     try:
         info = json.loads(meta.get("dreamid", "{}"))

@@ -146,7 +146,8 @@ class DreamIDLoadIdentity:
     CATEGORY = CATEGORY
 
     def load(self, identity_name, clip=None):
-        ident = load_learned_identity(identity_path(identity_name), single_key=clip_single_key(clip))
+        ident = load_learned_identity(identity_path(identity_name), single_key=clip_single_key(clip),
+                                      label=identity_name)
         logger.info("DreamIdentity: loaded %s identity %s (k=%d)", ident.layout, identity_name, ident.num_tokens)
         embeds = representative_embeds(ident)
         embeds.info["source"] = identity_name
@@ -178,12 +179,21 @@ class DreamIDSaveLearnedIdentity:
     def save(self, identity: LearnedIdentity, name, overwrite):
         clean = sanitize_name(name)
         if identity.layout == "words":
-            folder = Path(folder_paths.get_folder_paths("embeddings")[0])
-            path = save_learned_identity(folder / clean, identity, overwrite=overwrite)
+            folder, shown = Path(folder_paths.get_folder_paths("embeddings")[0]), "embeddings"
+            path = _save(folder, clean, identity, overwrite, shown)
             label = f"embedding:{clean}"
         else:
-            folder = Path(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0])
-            path = save_learned_identity(folder / clean, identity, overwrite=overwrite)
+            folder, shown = Path(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0]), "dreamidentity/identities"
+            path = _save(folder, clean, identity, overwrite, shown)
             label = f"identities/{path.name}"
-        return {"ui": {"text": [f"saved {path}: {label}"]}, "result": (label,)}
+        return {"ui": {"text": [f"saved models/{shown}/{path.name}: {label}"]}, "result": (label,)}
+
+
+def _save(folder: Path, name: str, identity: LearnedIdentity, overwrite: bool, shown: str) -> Path:
+    """``save_learned_identity`` whose refusal names the file relative to the models folder, not the server path."""
+    try:
+        return save_learned_identity(folder / name, identity, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise FileExistsError(f"models/{shown}/{name}.safetensors already exists. Choose another name, or set "
+                              "overwrite to true to replace it.") from exc
 

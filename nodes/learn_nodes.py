@@ -111,6 +111,9 @@ def _start(host: ComfyHost, faces, encoder, init_identity, init_word: str, k: in
 def _word_rows(host: ComfyHost, word: str, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(word, str) or not word.strip():
         raise NodeInputError(f"{NODE}: {name} is empty; write an ordinary word such as 'person'.")
+    if word.strip().lower() == "s*":
+        raise NodeInputError(f"{NODE}: {name} {word.strip()!r} is the identity's placeholder, not a word; write an "
+                             "ordinary word such as 'person'.")
     try:
         return host.word_embeddings(word.strip())
     except ValueError as exc:

@@ -117,8 +117,12 @@ class DreamIDSaveIDEmbedding:
                              "set strength above 0 in DreamID_EncodeFace.")
         clean = sanitize_name(name)
         folder = Path(folder_paths.get_folder_paths("embeddings")[0])
-        path = write_embedding(folder / clean, id_embeds.parts, overwrite=overwrite, metadata=id_embeds.info)
+        try:
+            path = write_embedding(folder / clean, id_embeds.parts, overwrite=overwrite, metadata=id_embeds.info)
+        except FileExistsError as exc:
+            raise FileExistsError(f"models/embeddings/{clean}.safetensors already exists. Choose another name, or "
+                                  "set overwrite to true to replace it.") from exc
         token = f"embedding:{clean}"
         if clean != name:
             logger.info("embedding name %r saved as %r", name, clean)
-        return {"ui": {"text": [f"saved {path.name}: use {token} in a prompt"]}, "result": (token,)}
+        return {"ui": {"text": [f"saved models/embeddings/{path.name}: use {token} in a prompt"]}, "result": (token,)}

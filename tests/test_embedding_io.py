@@ -45,10 +45,12 @@ def test_nothing_usable(name):
         sanitize_name(name)
 
 
-def test_long_names_fit_a_file_system_name():
-    name = sanitize_name("名" * 300)
-    assert len(name.encode()) <= MAX_NAME_BYTES and len((name + ".safetensors").encode()) < 255
-    assert set(name) == {"名"}
+def test_long_names_are_refused_with_the_limit_never_cut():
+    longest = "名" * (MAX_NAME_BYTES // 3)  # 3 bytes each in UTF-8
+    assert sanitize_name(longest) == longest and len((longest + ".safetensors").encode()) < 255
+    for name in ("名" * 300, "x" * 300, "a" * (MAX_NAME_BYTES + 1)):
+        with pytest.raises(ValueError, match=rf"bytes long as a file name; at most {MAX_NAME_BYTES}"):
+            sanitize_name(name)
 
 
 # -- reading: the one reader of textual-inversion files, beside the writer ------------------------------
