@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def test_resume_with_another_global_batch_is_refused_with_the_right_command(cfg,
     with pytest.raises(BatchChangeError) as info:
         train(cfg.replace(max_steps=22), flags(run, resume=True))
     message = str(info.value)
-    assert "from 4 (2 processes x batch_size 2 x gradient_accumulation_steps 1) to 2 (1 processes" in message
+    assert "from 4 (2 processes x batch_size 2 x gradient_accumulation_steps 1) to 2 (1 process x" in message
     assert f"--num_processes 2 -m training.train --output-dir {run} --resume" in message
     assert "gradient_accumulation_steps to 2" in message and "--allow-batch-change" in message
     # the same global batch on one process (accumulating 2 micro-batches) is the same recipe: accepted
@@ -227,8 +228,37 @@ def test_launch_checks_name_the_working_command():
     simple = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
     check_launch(1, simple)  # accelerate launch --cpu, one process asked for
     check_launch(1, {"ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "10.0.0.1"})  # a cluster's exported MASTER_ADDR
+    asked_for_two = {**simple, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     with pytest.raises(LaunchError, match="runs a single process"):
-        check_launch(1, {**simple, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+        check_launch(1, asked_for_two, launcher_env={})  # accelerate launch set them: it was asked for 2
+    with pytest.raises(LaunchError, match="runs a single process"):  # it overwrote a job script's export
+        check_launch(1, asked_for_two, launcher_env={"MASTER_ADDR": "node7", "MASTER_PORT": "29400"})
+    check_launch(1, asked_for_two, launcher_env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})  # exported
+    check_launch(1, asked_for_two)  # who set them is unknown (no /proc): not refused
+
+
+def test_batch_messages_count_processes_in_english():
+    from training.train.launch import BatchChangeError, check_global_batch
+
+    one, two = ({"num_processes": n, "batch_size": 2, "gradient_accumulation_steps": 1} for n in (1, 2))
+    with pytest.raises(BatchChangeError, match=r"from 4 \(2 processes x .* to 2 \(1 process x batch_size 2 .*"
+                                               r"keep 4 on 1 process by setting gradient_accumulation_steps to 2"):
+        check_global_batch(saved=two, now=one, run_dir="runs/x", allow=False)
+
+
+def test_an_exported_master_addr_does_not_stop_a_single_process_accelerate_launch(tmp_path):
+    """SLURM scripts export MASTER_ADDR/MASTER_PORT; `accelerate launch` of one process keeps them, and the
+    trainer must not take them for a request of several processes. A real launcher, a probe for a child."""
+    if not Path(f"/proc/{os.getpid()}/environ").is_file():
+        pytest.skip("the launcher's environment is read from /proc (Linux)")
+    probe = tmp_path / "probe.py"
+    probe.write_text("from training.train.launch import check_launch\ncheck_launch(1)\nprint('launch ok')\n")
+    env = {**subprocess_env(), "MASTER_ADDR": "node7", "MASTER_PORT": "29400"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(probe)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "launch ok" in proc.stdout, proc.stderr[-3000:]
+    # several processes asked for (accelerate sets MASTER_ADDR itself): test_accelerate_launch_cpu_with_two_processes
 
 
 def test_a_second_trainer_on_the_same_folder_is_refused_naming_the_first(cfg, tmp_path):

@@ -29,7 +29,7 @@ import torch
 from ..common.locking import RunLock
 from .checkpoint import CONFIG_FILE, CheckpointManager, restore_rng
 from .config import ExperimentConfig, RunFlags
-from .launch import check_global_batch, check_launch, global_batch, launch_command
+from .launch import check_global_batch, check_launch, global_batch, launch_command, processes
 from .loop import TrainLoop, TrainResult
 from .prepare import align_faces, build_data, build_encoder, build_lr_scheduler, build_optimizer, load_base, weight_dtype_for
 from .resume import check_resumable, load_checkpoint, truncate_metrics
@@ -123,8 +123,8 @@ def _train(cfg: ExperimentConfig, flags: RunFlags, accelerator, out: Path) -> Tr
             logger.warning("%s", note)
     if main:
         cfg.save(out / CONFIG_FILE)
-        logger.info("global batch %d = %d process(es) x batch_size %d x gradient_accumulation_steps %d; resume "
-                    "with `%s --output-dir %s --resume`", global_batch(**now_batch), world, cfg.batch_size,
+        logger.info("global batch %d = %s x batch_size %d x gradient_accumulation_steps %d; resume "
+                    "with `%s --output-dir %s --resume`", global_batch(**now_batch), processes(world), cfg.batch_size,
                     cfg.gradient_accumulation_steps, launch_command(world), out)
 
     _seed_everything(cfg.seed)
