@@ -4,13 +4,18 @@
 (``--checkpoint runs/x`` takes the run's newest complete checkpoint). The file is written by
 :func:`dreamid_core.save_encoder`; its provenance metadata records the base model, family,
 steps, samples seen, data sizes, the experiment config and its hash, the git commit of this
-code (when known) and the date.
+code (when known) and the date the checkpoint was written.
+
+Exports reproduce: the same checkpoint exported again (by the same code) gives a byte-identical file.
+Nothing in it depends on when or from which working directory the export ran (the date is the
+checkpoint's, its path is absolute), and the safetensors header is rewritten in sorted order
+(:func:`training.common.safetensors_files.canonicalize`; safetensors itself writes the metadata in a
+random order).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import subprocess
@@ -22,6 +27,7 @@ from dreamid_core import load_encoder, read_encoder_config, save_encoder
 from dreamid_core.cli_runner import describe, run_main
 from dreamid_core.errors import ConfigError
 
+from .common.safetensors_files import canonicalize
 from .train.checkpoint import CONFIG_FILE, Checkpoint, resolve_checkpoint
 from .train.config import ExperimentConfig
 
@@ -54,7 +60,7 @@ def provenance(ckpt: Checkpoint, cfg: ExperimentConfig, family: str) -> dict[str
     sampler = state.get("sampler", {})
     return {
         "exported_by": "training.export",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": ckpt.written(),  # when the weights were made, so a later export is the same file
         "base_model": cfg.base_model,
         "base_model_name": Path(cfg.base_model).name,
         "family": family,
@@ -67,7 +73,7 @@ def provenance(ckpt: Checkpoint, cfg: ExperimentConfig, family: str) -> dict[str
         "backbone_trained": cfg.backbone_lr is not None,
         "config_hash": cfg.config_hash(),
         "config": cfg.to_dict(),
-        "checkpoint": str(ckpt.path),
+        "checkpoint": str(ckpt.path.resolve()),
         "git": git_commit(),
     }
 
@@ -85,7 +91,7 @@ def export(checkpoint: str | Path, out: str | Path, *, include_backbone: bool = 
     else:
         encoder = load_encoder(ckpt.encoder_path)
     meta = provenance(ckpt, cfg, encoder.config.target)
-    path = save_encoder(encoder, out, include_backbone=include_backbone, provenance=meta)
+    path = canonicalize(save_encoder(encoder, out, include_backbone=include_backbone, provenance=meta))
     logger.info("exported %s (step %d, %s) to %s", ckpt.path.name, meta["steps"],
                 "with backbone" if include_backbone else "projection only", path)
     return path

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   stage_kind=getattr(source, "stage_kind", "time"), steps=args.steps,
                                   guidance=args.guidance, height=args.height, width=args.width,
                                   negative_prompt=args.negative_prompt, trigger=args.trigger, device=device)
-    header = {"S* from": what, "S* file sha256": file_sha256(Path(what)), "base model": str(args.base_model),
+    header = {**s_star_header(Path(what)), "base model": str(args.base_model),
               "sampler": f"DDIM {args.steps} steps, CFG {args.guidance}", "seed": args.seed,
               "face model": str(args.face_model), "CLIP model": str(args.clip_model)}
     if skipped:
@@ -110,15 +110,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     identity=identity, clip=clip, header=header)
 
 
-def file_sha256(path: Path) -> str:
-    """First 16 hex digits: a re-exported encoder at the same path is a new evaluation, not a resumed one."""
-    import hashlib
+def s_star_header(path: Path) -> dict[str, str]:
+    """Where S* comes from and what it is: the digest of the file's contents without its provenance
+    (:func:`training.common.safetensors_files.identity_digest`). A changed file at the same path is a new
+    evaluation; a re-export of the same checkpoint (same tensors and config) continues the one begun."""
+    from ..common.safetensors_files import identity_digest
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return {"S* from": str(path), "S* content sha256": identity_digest(path)}
 
 
 def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -> tuple[Any, str]:

@@ -8,7 +8,7 @@
   numbers; read back with ``torch.load(weights_only=True)``),
 - ``rng_state_<rank>.pt``: python, numpy, torch (and CUDA) RNG states of each process,
 - ``config.json``: the :class:`~training.train.config.ExperimentConfig`,
-- ``complete.json``: written last, lists every file and its size.
+- ``complete.json``: written last, lists every file and its size, and when it was written.
 
 A checkpoint is assembled in ``.tmp-checkpoint-<step>/`` and renamed into place (an atomic
 ``os.replace`` of the folder); only then is ``<run>/latest`` (one line: the folder's name)
@@ -18,6 +18,7 @@ takes the newest complete checkpoint, whatever happened to the others.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -64,6 +65,19 @@ class Checkpoint:
 
     def config_json(self) -> str:
         return (self.path / CONFIG_FILE).read_text()
+
+    def written(self) -> str:
+        """When the checkpoint was written (UTC, ISO 8601): ``complete.json``'s record, or for checkpoints
+        older than that record the file's modification time."""
+        path = self.path / COMPLETE
+        try:
+            when = json.loads(path.read_text()).get("written")
+        except (OSError, ValueError, AttributeError):
+            when = None
+        if isinstance(when, str):
+            return when
+        stamp = dt.datetime.fromtimestamp(int(path.stat().st_mtime), dt.timezone.utc)
+        return stamp.isoformat(timespec="seconds")
 
 
 def is_complete(folder: Path) -> bool:
@@ -171,7 +185,8 @@ class CheckpointManager:
         for name in files:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        written = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")  # the weights' date in exports
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "written": written, "files": files}, indent=1))
         _fsync_dir(tmp)
         final = self.final_dir(step)
         if final.exists():  # re-written after a resume from an older checkpoint
