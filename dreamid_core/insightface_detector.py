@@ -15,7 +15,7 @@ import numpy as np
 
 from .detection import Detection
 from .errors import MissingDependencyError, ModelFilesError
-from .runtime import check_onnxruntime, select_providers
+from .runtime import check_onnxruntime, device_index, provider_options, select_providers
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class InsightFaceDetector:
     """insightface's SCRFD detector from a local pack, on the chosen onnxruntime provider."""
 
     def __init__(self, root: str | Path, pack: str = "antelopev2", *, provider: str = "auto",
-                 det_size: int = 640, det_thresh: float = 0.5) -> None:
+                 det_size: int = 640, det_thresh: float = 0.5, device: object = None) -> None:
+        """``device``: a torch-style device (``"cuda:1"``) whose GPU the session uses; None: GPU 0."""
         self.pack_dir = resolve_pack_dir(root, pack)
         self.name = f"insightface/{pack}"
         self.det_size = det_size
@@ -103,9 +104,11 @@ class InsightFaceDetector:
         if note:
             logger.warning(note)
         self.providers = providers
+        self.provider_options = provider_options(providers, device)
         detector_file = self.pack_dir / str(PACKS[pack]["detector"])
         try:
-            self._model = model_zoo.get_model(str(detector_file), providers=providers)
+            self._model = model_zoo.get_model(str(detector_file), providers=providers,
+                                              provider_options=self.provider_options)
         except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, ...) are not importable stably
             problem = _unreadable_onnx(detector_file)
             if problem is None:
@@ -117,7 +120,8 @@ class InsightFaceDetector:
         if self._model is None or getattr(self._model, "taskname", None) != "detection":
             raise ModelFilesError(f"{detector_file} is not a face detection model insightface recognises; "
                                   f"download the {pack} pack again.")
-        self._model.prepare(ctx_id=0 if providers[0] != "CPUExecutionProvider" else -1,
+        on_gpu = providers[0] != "CPUExecutionProvider"
+        self._model.prepare(ctx_id=(device_index(device) or 0) if on_gpu else -1,
                             input_size=(det_size, det_size), det_thresh=det_thresh)
 
     def detect(self, image: np.ndarray) -> list[Detection]:

@@ -1,4 +1,6 @@
-"""onnxruntime housekeeping: detect the CPU/GPU package clash, and choose execution providers.
+"""onnxruntime housekeeping: detect the CPU/GPU package clash, choose execution providers, and put them on
+the right GPU (:func:`provider_options`: without ``device_id`` every session runs on GPU 0, whatever
+device the process was given).
 
 ``onnxruntime`` and ``onnxruntime-gpu`` (or -directml, -rocm, -silicon, -openvino) install into
 the same ``onnxruntime`` folder; with two of them installed the last one written wins file by
@@ -29,6 +31,11 @@ PROVIDER_CHOICES: dict[str, tuple[str, ...]] = {
     "coreml": ("CoreMLExecutionProvider",),
     "directml": ("DmlExecutionProvider",),
 }
+
+
+#: providers that run on one of several GPUs, chosen by their ``device_id`` option
+GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider",
+                 "TensorrtExecutionProvider", "DmlExecutionProvider")
 
 
 def onnxruntime_distributions() -> dict[str, str]:
@@ -79,3 +86,19 @@ def select_providers(choice: str, available: list[str]) -> tuple[list[str], str 
         if clash:
             note += " " + clash
     return chosen + ["CPUExecutionProvider"], note
+
+
+def device_index(device: object) -> int | None:
+    """The GPU index of a torch-style device (``"cuda:1"``, ``torch.device("cuda", 1)``: 1), or None for a
+    device without one (``"cuda"``, ``"cpu"``, None: the provider's default, GPU 0)."""
+    kind, _, index = str(device if device is not None else "").partition(":")
+    if kind == "cpu" or not index.isdigit():
+        return None
+    return int(index)
+
+
+def provider_options(providers: list[str], device: object = None) -> list[dict[str, int]]:
+    """onnxruntime's ``provider_options`` for ``providers`` (one dict each): ``{"device_id": N}`` for the GPU
+    providers when ``device`` is GPU N, so a process given ``cuda:N`` detects and scores there too."""
+    index = device_index(device)
+    return [{"device_id": index} if index is not None and p in GPU_PROVIDERS else {} for p in providers]

@@ -340,3 +340,46 @@ def test_steps_show_a_progress_bar_per_shard(tmp_path, pipeline, capsys):
     summary = generate_sources(cfg, _gen(), pipeline)
     err = capsys.readouterr().err
     assert "sources 1/2: 100%" in err and f"{summary.new}/{summary.new}" in err
+
+
+def test_each_shard_detects_and_scores_on_its_own_gpu(tmp_path, monkeypatch):
+    """The filter's ONNX face model and the insightface detector use the shard's GPU (device_id), not GPU 0."""
+    import torch
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model_zoo = pytest.importorskip("insightface.model_zoo.model_zoo")
+    from dreamid_core.insightface_detector import PACKS
+    from training.common import scorers
+
+    pack = tmp_path / "insightface" / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    for name in PACKS["antelopev2"]["files"]:
+        (pack / name).write_bytes(b"onnx")
+    (tmp_path / "glintr100.onnx").write_bytes(b"onnx")
+    sessions = []
+
+    class Session:
+        def __init__(self, path, **kwargs):
+            sessions.append(kwargs)
+            self.taskname = "detection"
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "input.1", "shape": [None, 3, 112, 112]})()]
+
+        def prepare(self, ctx_id, **kwargs):
+            pass
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
+    monkeypatch.setattr(model_zoo, "get_model", lambda path, **kwargs: Session(path, **kwargs))
+    monkeypatch.setattr(scorers._OnnxRecognizer, "_normalisation", staticmethod(lambda path: (127.5, 127.5)))
+    monkeypatch.setattr("training.common.generation.resolve_device",
+                        lambda name, shard=0: torch.device("cuda", shard % 4))  # --device auto on 4 GPUs
+    args = build_dataset.build_parser().parse_args([
+        "filter", "--out", str(tmp_path / "data"), "--shard", "6", "--num-shards", "8", "--provider", "cuda",
+        "--detector", "insightface/antelopev2", "--insightface-root", str(tmp_path / "insightface"),
+        "--face-model", str(tmp_path / "glintr100.onnx"), "--clip-model", str(tmp_path)])
+    build_dataset.make_face_pipeline(args)
+    scorers.IdentityScorer(args.face_model, device=torch.device("cuda", 2), provider=args.provider).load()
+    assert [s["provider_options"] for s in sessions] == [[{"device_id": 2}, {}], [{"device_id": 2}, {}]]
+    assert all(s["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"] for s in sessions)

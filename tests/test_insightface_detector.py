@@ -38,3 +38,31 @@ def test_empty_folder_and_unknown_pack(tmp_path):
         resolve_pack_dir(tmp_path, "antelopev2")
     with pytest.raises(ValueError, match="unknown insightface pack 'buffalo_s'"):
         resolve_pack_dir(tmp_path, "buffalo_s")
+
+
+class _FakeDetector:
+    taskname = "detection"
+
+    def prepare(self, ctx_id, **kwargs):
+        self.ctx_id = ctx_id
+
+
+@pytest.mark.parametrize("device,options,ctx_id", [("cuda:2", [{"device_id": 2}, {}], 2), (None, [{}, {}], 0)])
+def test_the_detector_session_runs_on_the_given_gpu(tmp_path, monkeypatch, device, options, ctx_id):
+    """An evaluation shard on cuda:2 detects on GPU 2, not on GPU 0 (no GPU needed: the session's options)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model_zoo = pytest.importorskip("insightface.model_zoo.model_zoo")
+    from dreamid_core.insightface_detector import InsightFaceDetector
+
+    fill(tmp_path / "models" / "antelopev2", PACKS["antelopev2"]["files"])
+    seen = {}
+
+    def get_model(path, **kwargs):
+        seen.update(kwargs)
+        return _FakeDetector()
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(model_zoo, "get_model", get_model)
+    detector = InsightFaceDetector(tmp_path, "antelopev2", provider="cuda", device=device)
+    assert seen["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert seen["provider_options"] == options and detector._model.ctx_id == ctx_id

@@ -66,3 +66,15 @@ def test_provider_choice_with_cpu_fallback():
     assert select_providers("auto", ["CPUExecutionProvider"]) == (["CPUExecutionProvider"], None)
     with pytest.raises(ValueError, match="must be one of"):
         select_providers("tpu", avail)
+
+
+def test_gpu_providers_get_the_device_id_of_the_process_device():
+    """Without device_id onnxruntime puts every session on GPU 0, whatever GPU the shard was given."""
+    from dreamid_core.runtime import device_index, provider_options
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_options(cuda, "cuda:3") == [{"device_id": 3}, {}]
+    assert provider_options(["ROCMExecutionProvider", "CPUExecutionProvider"], "cuda:1") == [{"device_id": 1}, {}]
+    assert provider_options(cuda, "cuda") == provider_options(cuda, None) == provider_options(cuda, "cpu") == [{}, {}]
+    assert provider_options(["CPUExecutionProvider"], "cuda:2") == [{}]
+    assert [device_index(d) for d in ("cuda:0", "cuda:7", "cuda", "cpu", None)] == [0, 7, None, None, None]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamid_core import MissingDependencyError, ModelFilesError, WeightFormatError, load_arcface_backbone
-from dreamid_core.runtime import check_onnxruntime, select_providers
+from dreamid_core.runtime import check_onnxruntime, provider_options, select_providers
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _as_batch(crops: torch.Tensor, size: int = 112) -> torch.Tensor:
 class _OnnxRecognizer:
     """insightface recognition ONNX: RGB NCHW, (x*255 - mean) / std, as insightface's ArcFaceONNX does."""
 
-    def __init__(self, path: Path, provider: str) -> None:
+    def __init__(self, path: Path, provider: str, device: object = None) -> None:
         try:
             import onnxruntime
         except ImportError as exc:
@@ -56,7 +56,8 @@ class _OnnxRecognizer:
         if note:
             logger.warning(note)
         try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+            self.session = onnxruntime.InferenceSession(str(path), providers=providers,  # on the scorer's GPU
+                                                        provider_options=provider_options(providers, device))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise WeightFormatError(f"{path} could not be opened by onnxruntime ({exc}); expected "
                                     f"{_FACE_EXPECTED}. Download it again if it is truncated.") from exc
@@ -104,7 +105,7 @@ class IdentityScorer:
             raise ModelFilesError(f"face recognition model not found: {path}. Expected {_FACE_EXPECTED}; "
                                   "nothing is downloaded, give a local file with --face-model.")
         if path.suffix == ".onnx":
-            self._model = _OnnxRecognizer(path, self.provider)
+            self._model = _OnnxRecognizer(path, self.provider, self.device)
         elif path.suffix in (".pt", ".pth", ".safetensors"):
             try:
                 backbone = load_arcface_backbone(path)
