@@ -111,14 +111,53 @@ def test_an_unsupported_model_family_is_named_with_the_supported_ones(tmp_path, 
         ExperimentConfig(base_model=str(folder), family="sd3", random_backbone=True)
 
 
-def test_resolution_defaults_to_the_family_native_size(setup_root, tmp_path):
+def test_resolution_defaults_to_the_base_model_own_size(setup_root, tmp_path):
+    """null resolution: the UNet's sample size x the VAE's factor (the tiny models: 16 x 2 = 32 px)."""
     sd2 = make_setup(setup_root, resolution=None)
     sdxl = make_setup(setup_root, family="sdxl", resolution=None)
-    assert sd2.resolution is None and sd2.resolved().resolution == 512
-    assert sdxl.resolved().resolution == 1024
+    assert sd2.resolution is None and sd2.resolved().resolution == 32
+    assert sdxl.resolved().resolution == 32
     assert sdxl.replace(resolution=256).resolved().resolution == 256  # an explicit value is kept
     result = train(sd2.replace(recon_fraction=0.0), flags(tmp_path / "run", stop_after_step=0))
-    assert result.step == 0 and ExperimentConfig.load(tmp_path / "run" / "config.json").resolution == 512
+    assert result.step == 0 and ExperimentConfig.load(tmp_path / "run" / "config.json").resolution == 32
+
+
+def sd_configs(folder: Path, *, pipeline: str = "StableDiffusionPipeline", text_width: int = 1024,
+               sample_size: int = 64, in_channels: int = 4) -> Path:
+    """The config files of a real SD model (no weights): what family and size are read from."""
+    for sub, config in {"text_encoder": {"hidden_size": text_width}, "unet": {
+            "sample_size": sample_size, "in_channels": in_channels, "use_linear_projection": text_width == 1024},
+            "vae": {"block_out_channels": [128, 256, 512, 512]}}.items():
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "unet": ["diffusers", "U"]}))
+    return folder
+
+
+def test_sd2_768_trains_at_768_and_sd2_base_at_512(tmp_path):
+    base = dict(random_backbone=True, resolution=None, edit_manifest="m.jsonl")
+    v768 = sd_configs(tmp_path / "stable-diffusion-2-1", sample_size=96)  # the 768 px v-prediction model
+    assert ExperimentConfig(base_model=str(v768), **base).resolved().resolution == 768
+    sd21_base = sd_configs(tmp_path / "stable-diffusion-2-1-base", sample_size=64)
+    assert ExperimentConfig(base_model=str(sd21_base), **base).resolved().resolution == 512
+    single = tmp_path / "v2-1_768-ema-pruned.safetensors"  # a single file takes its size from its config folder
+    single.write_bytes(b"")
+    assert ExperimentConfig(base_model=str(single), base_config=str(v768), **base).resolved().resolution == 768
+
+
+@pytest.mark.parametrize("pipeline,in_channels", [("StableDiffusionInpaintPipeline", 9),
+                                                  ("StableDiffusionXLInpaintPipeline", 9),
+                                                  ("StableDiffusionPipeline", 9)])  # a converted inpainting model
+def test_an_inpainting_model_is_refused_by_name(tmp_path, pipeline, in_channels):
+    from dreamid_core import ModelFilesError
+    from training.common.base_model import load_base_model
+
+    folder = sd_configs(tmp_path / "stable-diffusion-2-inpainting", pipeline=pipeline, in_channels=in_channels)
+    with pytest.raises(ModelFilesError, match=f"is an inpainting model \\({pipeline}, its UNet takes 9 input "
+                                              "channels.*text-to-image base model"):
+        load_base_model(folder)
+    with pytest.raises(ModelFilesError, match="an inpainting model"):
+        ExperimentConfig(base_model=str(folder), random_backbone=True, edit_manifest="m.jsonl").resolved()
 
 
 def test_shipped_configs_for_each_family():

@@ -20,11 +20,15 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 SUPPORTED = "sd1 (Stable Diffusion 1.x), sd2 (2.x, 2.1-base in the paper), sdxl (SDXL base 1.0)"
-#: training resolution when the config leaves ``resolution`` null: the family's native size
+#: the family's usual size, when a model's own (:func:`native_resolution`) cannot be read from its configs
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
-_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
-_SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
-                   "StableDiffusionXLInpaintPipeline")
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+_SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+#: UNets that take more than the 4 noisy latent channels (inpainting: + mask + masked image; instruct-pix2pix:
+#: + image); the trainer and the evaluation feed 4 and would crash in the first UNet call
+_CONDITIONED_UNETS = {"StableDiffusionInpaintPipeline": "an inpainting", "StableDiffusionXLInpaintPipeline":
+                      "an inpainting", "StableDiffusionInstructPix2PixPipeline": "an instruct-pix2pix",
+                      "StableDiffusionXLInstructPix2PixPipeline": "an instruct-pix2pix"}
 
 
 def _diffusers():
@@ -100,6 +104,7 @@ def detect_family(folder: str | Path) -> str:
     except json.JSONDecodeError as exc:
         raise ModelFilesError(f"{index_path} is not valid JSON ({exc})") from exc
     name = index.get("_class_name", "")
+    _check_unet_inputs(_read_json(folder / "unet" / "config.json").get("in_channels", 4), folder, name)
     if name in _SDXL_PIPELINES:
         return "sdxl"
     if name not in _SD_PIPELINES or not (folder / "text_encoder" / "config.json").is_file() \
@@ -116,6 +121,42 @@ def detect_family(folder: str | Path) -> str:
         return "sd2"
     unet = json.loads((folder / "unet" / "config.json").read_text())
     return "sd2" if unet.get("use_linear_projection") else "sd1"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A config file's JSON object, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_unet_inputs(in_channels: Any, folder: Path | str, name: str = "") -> None:
+    """Refuse a UNet that needs more than the noisy latents (an inpainting model's 9 input channels)."""
+    kind = _CONDITIONED_UNETS.get(name)
+    if kind is None and in_channels == 4:
+        return
+    kind = kind or ("an inpainting" if in_channels == 9 else "a conditioned")
+    raise ModelFilesError(
+        f"{folder} is {kind} model ({name or 'pipeline'}, its UNet takes {in_channels} input channels, not the 4 "
+        f"latent channels of a text-to-image model). DreamIdentity trains and samples text-to-image UNets: use the "
+        f"text-to-image base model this one was made from (e.g. stable-diffusion-2-1-base rather than "
+        f"stable-diffusion-2-inpainting). Supported: {SUPPORTED}.")
+
+
+def native_resolution(folder: str | Path, family: str) -> int:
+    """A model's own image size from its config files (no weights): the UNet's ``sample_size`` times the
+    VAE's factor (2 per down block after the first). 512 for SD 1.x and 2.x-base, 768 for SD 2.x-768 (the
+    v-prediction models), 1024 for SDXL; the family's usual size when the configs do not say."""
+    folder = Path(folder)
+    sample = _read_json(folder / "unet" / "config.json").get("sample_size")
+    blocks = _read_json(folder / "vae" / "config.json").get("block_out_channels")
+    if isinstance(sample, list):  # [height, width] in some configs
+        sample = sample[0] if sample and sample[0] == sample[-1] else None
+    if not isinstance(sample, int) or sample < 1 or not isinstance(blocks, list) or not blocks:
+        return DEFAULT_RESOLUTION[family]
+    return sample * 2 ** (len(blocks) - 1)
 
 
 def load_base_model(path: str | Path, *, family: str | None = None, config: str | Path | None = None,
@@ -143,6 +184,7 @@ def load_base_model(path: str | Path, *, family: str | None = None, config: str 
         cls = d.StableDiffusionXLPipeline if fam == "sdxl" else d.StableDiffusionPipeline
         kw = {} if fam == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
         pipe = cls.from_pretrained(str(path), local_files_only=True, **kw)
+    _check_unet_inputs(pipe.unet.config.in_channels, path)  # also when the family was given, not detected
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if fam == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if fam == "sdxl" else [])
     pipe.to(dtype=dtype)
@@ -151,6 +193,14 @@ def load_base_model(path: str | Path, *, family: str | None = None, config: str 
                      noise_scheduler=noise, source=str(path))
     logger.info("loaded %s base model from %s (%s prediction)", fam, path, base.prediction_type)
     return base.freeze()
+
+
+def base_resolution(base_model: str | Path, *, family: str | None = None, config: str | Path | None = None) -> int:
+    """The native size (:func:`native_resolution`) of a base model folder, or of a single-file checkpoint's
+    config folder."""
+    fam = base_family(base_model, family=family, config=config)
+    path = Path(base_model).expanduser()
+    return native_resolution(Path(config) if path.is_file() else path, fam)
 
 
 def base_family(base_model: str | Path, *, family: str | None = None, config: str | Path | None = None) -> str:

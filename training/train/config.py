@@ -69,7 +69,7 @@ class ExperimentConfig:
     recon_dir: str | None = None  # folder of face photos (FFHQ-style), searched recursively
     edit_manifest: str | None = None  # JSONL written by `python -m training.build_dataset`
     recon_fraction: float = 0.5  # share of samples from recon_dir; the rest from edit_manifest
-    resolution: int | None = None  # px; None = the family's native size (512 SD1/SD2-base, 1024 SDXL)
+    resolution: int | None = None  # px; None = the base model's own size (512 SD1/SD2-base, 768 SD2-768, 1024 SDXL)
     prompt_templates: tuple[str, ...] = DEFAULT_TEMPLATES  # for recon photos; each contains the trigger
     detector: str = "mtcnn"  # face detector for aligning recon photos (dreamid_core.make_detector)
     min_face_size: int = 64  # px, short side of the detected face box; smaller faces are skipped
@@ -140,14 +140,14 @@ class ExperimentConfig:
                               "true; choose one")
 
     def resolved(self) -> ExperimentConfig:
-        """This config with ``resolution`` set: the family's native size when null (reads the base
-        model's config files, no weights)."""
+        """This config with ``resolution`` set: the base model's own size when null, its UNet's sample
+        size times the VAE's factor (512 for SD 1.x/2.x-base, 768 for SD 2.x-768 v-prediction, 1024 for
+        SDXL; read from the base model's config files, no weights)."""
         if self.resolution is not None:
             return self
-        from ..common.base_model import DEFAULT_RESOLUTION, base_family
+        from ..common.base_model import base_resolution
 
-        family = base_family(self.base_model, family=self.family, config=self.base_config)
-        return self.replace(resolution=DEFAULT_RESOLUTION[family])
+        return self.replace(resolution=base_resolution(self.base_model, family=self.family, config=self.base_config))
 
     def check_data(self) -> None:
         """The data fields agree with each other (called before training, not on every load)."""
