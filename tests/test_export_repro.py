@@ -72,3 +72,24 @@ def test_the_evaluation_continues_with_a_re_exported_encoder(run, tmp_path):
     export(run / "checkpoint-1", encoder)  # another checkpoint at the same path: a new evaluation
     with pytest.raises(ValueError, match="S\\* content sha256"):
         _check_settings(tmp_path / "eval", {**s_star_header(encoder), "seed": 0})
+
+
+def test_an_evaluation_begun_with_the_file_sha256_continues(run, tmp_path):
+    """Evaluations begun before contents were compared recorded the file's sha256: still the same file, the
+    evaluation continues (the record becomes the content digest); another file, it is refused as before."""
+    import json
+
+    from training.common.safetensors_files import file_digest
+
+    encoder = export(run / "checkpoint-2", tmp_path / "encoder.safetensors")
+    for name, recorded in (("same", file_digest(encoder)), ("other", "0123456789abcdef")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "eval_settings.json").write_text(json.dumps({"S* from": str(encoder), "S* file sha256": recorded,
+                                                            "seed": 0}))
+        settings = {**s_star_header(encoder, out=out), "seed": 0}
+        if name == "same":
+            _check_settings(out, settings)
+        else:
+            with pytest.raises(ValueError, match="S\\* file sha256"):
+                _check_settings(out, settings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,13 @@ import torch
 
 from dreamid_core import FacePipeline, detector_names, load_encoder
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
+from dreamid_core.fileio import atomic_write
 
 from . import protocol
 from .identity_sources import EmbeddingIdentity, EncoderIdentity, LearnedIdentitySource
 from .protocol import EXAMPLE_PROMPTS, EvalConfig, evaluate, load_prompts, load_test_faces
+
+logger = logging.getLogger("training.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   stage_kind=getattr(source, "stage_kind", "time"), steps=args.steps,
                                   guidance=args.guidance, height=args.height, width=args.width,
                                   negative_prompt=args.negative_prompt, trigger=args.trigger, device=device)
-    header = {**s_star_header(Path(what)), "base model": str(args.base_model),
+    header = {**s_star_header(Path(what), out=args.out), "base model": str(args.base_model),
               "sampler": f"DDIM {args.steps} steps, CFG {args.guidance}", "seed": args.seed,
               "face model": str(args.face_model), "CLIP model": str(args.clip_model)}
     if skipped:
@@ -111,13 +116,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     identity=identity, clip=clip, header=header)
 
 
-def s_star_header(path: Path) -> dict[str, str]:
+LEGACY_DIGEST = "S* file sha256"  # what evaluations begun before contents were compared recorded
+
+
+def s_star_header(path: Path, out: Path | None = None) -> dict[str, str]:
     """Where S* comes from and what it is: the digest of the file's contents without its provenance
     (:func:`training.common.safetensors_files.identity_digest`). A changed file at the same path is a new
-    evaluation; a re-export of the same checkpoint (same tensors and config) continues the one begun."""
-    from ..common.safetensors_files import identity_digest
+    evaluation; a re-export of the same checkpoint (same tensors and config) continues the one begun.
+    ``out``: an evaluation folder whose settings recorded the file's sha256 (before contents were
+    compared) takes the content digest instead when the file is still the one it recorded."""
+    from ..common.safetensors_files import file_digest, identity_digest
 
-    return {"S* from": str(path), "S* content sha256": identity_digest(path)}
+    header = {"S* from": str(path), "S* content sha256": identity_digest(path)}
+    settings = Path(out) / protocol.SETTINGS_FILE if out is not None else None
+    try:
+        before = json.loads(settings.read_text()) if settings is not None else {}
+    except (OSError, ValueError):
+        before = {}
+    if isinstance(before, dict) and LEGACY_DIGEST in before and before[LEGACY_DIGEST] == file_digest(path):
+        del before[LEGACY_DIGEST]
+        before["S* content sha256"] = header["S* content sha256"]
+        with atomic_write(settings) as tmp:
+            tmp.write_text(json.dumps(before, indent=1, sort_keys=True, default=str))
+        logger.info("%s: the S* file's sha256 is now recorded as its content digest; the evaluation continues",
+                    settings)
+    return header
 
 
 def identity_source(args: argparse.Namespace, base: Any, device: torch.device) -> tuple[Any, str]:
