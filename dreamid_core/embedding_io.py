@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from .errors import WeightFormatError
+from .families import PART_WIDTHS, WORD_PARTS
 from .fileio import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
-_WIDTH_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}  # the text encoder an unnamed embedding is for
+_WIDTH_KEYS = {w: k for k, w in PART_WIDTHS.items()}  # 768 clip_l, 1024 clip_h, 1280 clip_g, 4096 t5xxl
 
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL",
                     *(f"{port}{n}" for port in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3")}
@@ -110,7 +111,7 @@ def embedding_parts(raw: dict[str, Any], *, single_key: str | None = None,
     if "string_to_param" in raw and isinstance(raw["string_to_param"], dict):  # A1111 .pt
         raw = {"string_to_param." + k: v for k, v in raw["string_to_param"].items()}
     tensors = {k: v for k, v in raw.items() if torch.is_tensor(v)}
-    named = {k: tensors[k] for k in ("clip_l", "clip_h", "clip_g") if k in tensors}
+    named = {k: tensors[k] for k in sorted(WORD_PARTS) if k in tensors}
     if named:
         parts = named
     elif "emb_params" in tensors:

@@ -67,7 +67,7 @@ def fit_parts(parts: dict[str, torch.Tensor], widths: dict[str, int], what: str 
     out = {}
     for key, width in widths.items():
         t = parts[key]
-        if t.ndim < 2 or t.shape[-1] != width or t.shape[-2] < 1:
+        if t.ndim < 2 or t.shape[-1] != width:
             raise IncompatibleEncoderError(
                 f"{what}: its {key} vectors have shape {tuple(t.shape)}, but {where}'s {key} word embeddings are "
                 f"{width} wide. Use an identity made for this checkpoint's text encoder ({FAMILY_KEYS}).")

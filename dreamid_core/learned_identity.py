@@ -38,9 +38,10 @@ from typing import Any
 
 import torch
 
-from .config import TEXT_ENCODER_PRESETS, check_format_version, unknown_fields
+from .config import check_format_version, unknown_fields
 from .embedding_io import embedding_parts, embedding_tensors, read_embedding_file
 from .errors import ConfigError, WeightFormatError
+from .families import FAMILY_PARTS, family_of
 from .fileio import atomic_save_safetensors
 from .identity import IdentityEmbeds
 
@@ -55,7 +56,6 @@ NORMS = ("vocabulary", "free")
 IDENTITY_FORMAT_VERSION = 1
 META_KEY = "dreamid_identity"
 KV_INDEX = {"key": 0, "value": 1, 0: 0, 1: 1}
-_TARGET_OF_KEYS = {tuple(sorted(k for k, _ in v)): name for name, v in TEXT_ENCODER_PRESETS.items()}
 
 
 @dataclass
@@ -260,7 +260,7 @@ def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | Non
     if META_KEY in meta:
         config = IdentityConfig.from_json(meta[META_KEY], source=source)
         resume = ResumeState.read(meta[RESUME_KEY], resume_raw, source) if RESUME_KEY in meta else None
-        keys = [k for k, _ in TEXT_ENCODER_PRESETS.get(config.target, ())]
+        keys = list(FAMILY_PARTS.get(config.target, ()))
         if single_key is None and len(keys) == 1:
             single_key = keys[0]  # the file says which family it was learned on: its one tensor is that encoder's
         tensors = embedding_parts(raw, single_key=single_key, source=source) if config.layout == "words" else {
@@ -273,7 +273,7 @@ def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | Non
     for key, t in parts.items():
         if not torch.isfinite(t).all() or not math.isfinite(float(t.abs().max())):
             raise WeightFormatError(f"{source}: embedding {key} holds NaN or infinity")
-    target = _TARGET_OF_KEYS.get(tuple(sorted(parts)), "unknown")
+    target = family_of(parts)
     try:
         info = json.loads(meta.get("dreamid", "{}"))
         target = info.get("target", target) if isinstance(info, dict) else target

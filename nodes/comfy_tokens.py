@@ -16,6 +16,8 @@ import torch
 from comfy import sd1_clip
 
 from ..dreamid_core.errors import IncompatibleEncoderError
+from ..dreamid_core.families import SUPPORTED, check_word_identities, family_of
+from ..dreamid_core.identity import fit_parts
 from ..dreamid_core.tokens import ChunkLayout, tokenize_prompt
 
 
@@ -29,14 +31,23 @@ class IdentityPrompt:
 
 
 def text_encoder(clip, key: str):
-    """ComfyUI's tokenizer and text model for tokenizer key ``key`` ("l", "h", "g")."""
-    tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
-    model = getattr(clip.cond_stage_model, f"clip_{key}", None)
-    if tokenizer is None or model is None:
-        raise IncompatibleEncoderError(
-            f"this CLIP ({type(clip.cond_stage_model).__name__}) has no clip_{key} text encoder; DreamIdentity "
-            "supports SD1.x (clip_l), SD2.x (clip_h) and SDXL (clip_l + clip_g) CLIP models.")
-    return tokenizer, model
+    """ComfyUI's tokenizer and text model for the token-dict key ``key`` ("l", "h", "g", "t5xxl"): the
+    tokenizer objects are attributes ``clip_<key>`` (CLIP towers) or ``<key>`` (T5) of ``clip.tokenizer``, the
+    models the same of ``clip.cond_stage_model``."""
+    for name in (f"clip_{key}", key):
+        tokenizer = getattr(clip.tokenizer, name, None)
+        model = getattr(clip.cond_stage_model, name, None)
+        if tokenizer is not None and model is not None:
+            return tokenizer, model
+    raise IncompatibleEncoderError(
+        f"this CLIP ({type(clip.cond_stage_model).__name__}) has no loaded text encoder for its {key!r} tokens; "
+        f"word identities work on {SUPPORTED}.")
+
+
+def part_key(clip, key: str) -> str:
+    """The identity part (ComfyUI's ``embedding_key``) of token-dict key ``key``: "clip_l", …, "t5xxl"."""
+    tok, _ = text_encoder(clip, key)
+    return str(getattr(tok, "embedding_key", f"clip_{key}"))
 
 
 def embedding_width(clip, key: str) -> int:
@@ -45,8 +56,16 @@ def embedding_width(clip, key: str) -> int:
 
 
 def tokenizer_keys(clip) -> list[str]:
-    """The CLIP's tokenizer keys in ComfyUI's order (SD1 ["l"], SD2 ["h"], SDXL ["g", "l"])."""
-    return list(clip.tokenize("").keys())
+    """The CLIP's token-dict keys in ComfyUI's order (SD1 ["l"], SD2 ["h"], SDXL ["g", "l"], FLUX ["l", "t5xxl"]);
+    refused (naming the family and what works) when one of its text encoders cannot take a word identity."""
+    keys = list(clip.tokenize("").keys())
+    check_word_identities([part_key(clip, k) for k in keys], f"this CLIP ({type(clip.cond_stage_model).__name__})")
+    return keys
+
+
+def part_widths(clip) -> dict[str, int]:
+    """``{part key: word-embedding width}`` of every text encoder of the CLIP."""
+    return {part_key(clip, k): embedding_width(clip, k) for k in tokenizer_keys(clip)}
 
 
 #: a one-token trigger whose BPE id is below this is a frequent word in CLIP's training text ("man" is 786,
@@ -57,6 +76,8 @@ COMMON_TOKEN_LIMIT = 15000
 def is_common_word(clip, trigger: str) -> bool:
     """True when ``trigger`` is one frequent whole-word token of the CLIP BPE (an ordinary word)."""
     tok, _ = text_encoder(clip, tokenizer_keys(clip)[0])
+    if "CLIP" not in type(tok.tokenizer).__name__:
+        return False  # the frequency rule below reads CLIP's BPE ids
     ids = [t for chunk in tok.tokenize_with_weights(trigger, False, disable_weights=True) for t, _ in chunk
            if t not in (tok.start_token, tok.end_token, tok.pad_token)]
     return len(ids) == 1 and trigger.isalpha() and int(ids[0]) < COMMON_TOKEN_LIMIT
@@ -110,22 +131,19 @@ def tokenize_with_identities(clip, text: str, identities: Mapping[str, Mapping[s
     options = dict(getattr(clip, "tokenizer_options", {}) or {})
     tokens: dict = {}
     info = IdentityPrompt()
+    widths = part_widths(clip)
+    where = f"this CLIP ({type(clip.cond_stage_model).__name__}, {family_of(widths)})"
+    fitted = {trigger: fit_parts(parts, widths, f"the identity for {trigger!r}", where)
+              for trigger, parts in identities.items()}
     for key in tokenizer_keys(clip):
         tok, _ = text_encoder(clip, key)
-        width = embedding_width(clip, key)
+        part = part_key(clip, key)
         rows = {}
-        for trigger, parts in identities.items():
-            part = f"clip_{key}"
-            if part not in parts:
-                raise IncompatibleEncoderError(
-                    f"the identity for {trigger!r} was made for {sorted(parts)}, but this CLIP has {part}. Use an "
-                    "identity made for this model family (SD1.x: clip_l, SD2.x: clip_h, SDXL: clip_l + clip_g).")
+        for trigger, parts in fitted.items():
             vec = parts[part]
-            if vec.ndim != 2 or vec.shape[-1] != width:
-                raise IncompatibleEncoderError(
-                    f"the identity for {trigger!r} has {part} vectors of shape {tuple(vec.shape)}, but this CLIP's "
-                    f"{part} word embeddings are {width} wide. Use an identity made for this checkpoint's text "
-                    "encoder (SD1.x 768, SD2.x 1024, SDXL 768 + 1280).")
+            if vec.ndim != 2:
+                raise IncompatibleEncoderError(f"the identity for {trigger!r} has {part} vectors of shape "
+                                               f"{tuple(vec.shape)}; an identity to splice is [k, width]")
             rows[trigger] = list(vec.unbind(0))
         out = tokenize_prompt(_segments(tok, text), rows, _piece_tokenizer(tok), _layout(tok, options),
                               require=require, prompt=text)

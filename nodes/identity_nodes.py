@@ -18,7 +18,7 @@ from ..dreamid_core import sanitize_name
 from ..dreamid_core.identity import IdentityEmbeds
 from ..dreamid_core.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
 from .attention_patches import PerStagePatch, stage_selector
-from .comfy_tokens import tokenize_with_identities, tokenizer_keys
+from .comfy_tokens import part_key, tokenize_with_identities, tokenizer_keys
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -71,7 +71,7 @@ def representative_embeds(ident: LearnedIdentity) -> IdentityEmbeds:
 
 def clip_single_key(clip) -> str | None:
     keys = tokenizer_keys(clip) if clip is not None else []
-    return f"clip_{keys[0]}" if len(keys) == 1 else None
+    return part_key(clip, keys[0]) if len(keys) == 1 else None
 
 
 def apply_per_stage(model, clip, ident: LearnedIdentity, text: str, trigger: str):

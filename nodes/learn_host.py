@@ -37,7 +37,7 @@ from ..dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, fac
 from ..dreamid_core.learning.frozen import FrozenWeights, copy_saved_activations, input_grad_only
 from ..dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
-from .comfy_tokens import text_encoder, tokenize_with_identities, tokenizer_keys
+from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ComfyHost:
         self.prediction = prediction_kind(self.sampling)
         self.num_timesteps = int(self.sampling.sigmas.shape[0])
         self.tokenizer_keys = tokenizer_keys(self.clip)
-        self.keys = tuple(f"clip_{k}" for k in self.tokenizer_keys)
+        self.keys = tuple(part_key(self.clip, k) for k in self.tokenizer_keys)
         self.device = self.mp.load_device
         self.compute_dtype = self.mp.model.get_dtype()
         mult = self.mp.model.model_config.unet_config.get("channel_mult", (1,))
@@ -193,14 +193,14 @@ class ComfyHost:
             if not ids:
                 raise ValueError(f"the word {word!r} gives no tokens; use an ordinary word such as 'person'")
             table = model.transformer.get_input_embeddings().weight
-            parts[f"clip_{key}"] = table[ids].detach().to("cpu", torch.float32).clone()
+            parts[part_key(self.clip, key)] = table[ids].detach().to("cpu", torch.float32).clone()
         return parts
 
     def vocabulary_norm(self) -> dict[str, float]:
         out = {}
         for key in self.tokenizer_keys:
             table = text_encoder(self.clip, key)[1].transformer.get_input_embeddings().weight
-            out[f"clip_{key}"] = float(table.detach().float().norm(dim=-1).median())
+            out[part_key(self.clip, key)] = float(table.detach().float().norm(dim=-1).median())
         return out
 
     def encode(self, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:

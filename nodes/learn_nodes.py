@@ -24,6 +24,7 @@ import torch
 from ..dreamid_core import sanitize_name
 from ..dreamid_core.detectors import make_detector
 from ..dreamid_core.faces import ON_MISSING, FacePipeline
+from ..dreamid_core.families import family_of
 from ..dreamid_core.identity import fit_parts, parts_from_crops
 from ..dreamid_core.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
 from ..dreamid_core.learning import (
@@ -35,7 +36,7 @@ from ..dreamid_core.learning import (
 )
 from ..dreamid_core.learning.resume import check_resume
 from ..dreamid_core.trigger import find_triggers
-from .comfy_tokens import tokenizer_keys
+from .comfy_tokens import part_widths
 from .identity_nodes import IDENTITY_FOLDER, representative_embeds
 from .learn_host import ComfyHost, encode_photos
 from .learn_watch import PREVIEW_MAX_SIDE, Previews, Snapshots
@@ -45,7 +46,7 @@ from .validation import NodeInputError, require_finite
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
 NODE = "DreamID_LearnIdentity"
-FAMILIES = {("l",): "sd1", ("h",): "sd2", ("g", "l"): "sdxl"}
+LEARNABLE = ("sd1", "sd2", "sdxl")
 PREVIEW_PROMPT = "a portrait photo of S*, looking at the camera"
 _PIPELINE: dict[str, FacePipeline] = {}
 
@@ -69,11 +70,13 @@ def check_models(model, clip, vae) -> str:
     if vae is None:
         raise NodeInputError(f"{NODE}: the vae input is None; connect the checkpoint's VAE (or a VAELoader): the "
                              "photos are encoded into latents with it.")
-    keys = tuple(sorted(tokenizer_keys(clip)))
-    family = FAMILIES.get(keys, "unknown")
+    widths = part_widths(clip)
+    family = family_of(widths)
+    if family not in LEARNABLE:
+        raise NodeInputError(f"{NODE}: this CLIP is {family} ({type(clip.cond_stage_model).__name__}, text encoders "
+                             f"{sorted(widths)}); learning an identity works on {', '.join(LEARNABLE)} checkpoints "
+                             "(SD1.x, SD2.x, SDXL). Identities of other families load and apply, see the README.")
     want = model.model.model_config.unet_config.get("context_dim")
-    widths = {k: getattr(clip.cond_stage_model, f"clip_{k}").transformer.get_input_embeddings().weight.shape[1]
-              for k in keys}
     got = sum(widths.values())
     if want is not None and int(got) != int(want):
         raise NodeInputError(

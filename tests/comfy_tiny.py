@@ -109,6 +109,40 @@ def tiny_clip(kind: str, width: int | tuple[int, int] | None = None, *, layers: 
     return clip
 
 
+#: tiny T5 for the DiT CLIPs: SD3 concatenates the CLIP towers (padded to 4096) with T5 along the
+#: sequence, so its T5 must be 4096 wide; FLUX keeps T5 apart, so a narrow one is enough there
+T5_TINY = {"d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+
+
+def tiny_dit_clip(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  embedding_directory: str | None = None, t5_width: int | None = None):
+    """A real ``comfy.sd.CLIP`` of a DiT family with ComfyUI's own tokenizers (CLIP BPE and T5's
+    sentencepiece): "sd3" (clip_l 64 + clip_g 96 + T5 4096 wide, 2 layers) or "flux" (clip_l 64 + T5 48)."""
+    import comfy.sd
+    import comfy.supported_models_base
+    from comfy.text_encoders import flux, sd3_clip
+
+    if kind == "sd3":
+        target = comfy.supported_models_base.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip())
+        options = {"clip_l_model_config": _text_config(SDXL_L_WIDTH, TINY_LAYERS, None),
+                   "clip_g_model_config": _text_config(SDXL_G_WIDTH, TINY_LAYERS, None),
+                   "t5xxl_model_config": {**T5_TINY, "d_model": t5_width or 4096}}
+    elif kind == "flux":
+        target = comfy.supported_models_base.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+        options = {"clip_l_model_config": _text_config(SDXL_L_WIDTH, TINY_LAYERS, None),
+                   "t5xxl_model_config": {**T5_TINY, "d_model": t5_width or 48}}
+    else:
+        raise ValueError(f"kind must be 'sd3' or 'flux', got {kind!r}")
+    options["dtype"] = dtype
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options=options)
+    init_weights_(clip.cond_stage_model, seed)
+    clip.tokenizer.clip_l.embedding_size = SDXL_L_WIDTH
+    if kind == "sd3":
+        clip.tokenizer.clip_g.embedding_size = SDXL_G_WIDTH
+    clip.tokenizer.t5xxl.embedding_size = options["t5xxl_model_config"]["d_model"]
+    return clip
+
+
 def server_sd2_clip(seed: int = 0, dtype: torch.dtype | None = None):
     """The SD2 CLIP that goes with :func:`write_tiny_sd2_checkpoint`: 1024 wide (the UNet's
     context width), 3 layers, MLP 256 (~65 M parameters, mostly the 49408-token embedding)."""

@@ -122,7 +122,8 @@ def test_saved_embedding_reproduces_the_injected_identity(comfyui, pack, emb_dir
 def test_width_mismatch_and_missing_trigger_are_explained(comfyui, pack, emb_dir):
     sd1, sd2 = clip_for("sd1", emb_dir), clip_for("sd2", emb_dir)
     sd1_identity = own_identity(pack, sd1, ["l"])
-    with pytest.raises(pack["core"].IncompatibleEncoderError, match="made for \\['clip_l'\\].*has clip_h") as info:
+    with pytest.raises(pack["core"].IncompatibleEncoderError,
+                       match="vectors for \\['clip_l'\\].*needs \\['clip_h'\\]") as info:
         inject(pack, sd2, sd1_identity, "a photo of S*")
     assert "clip_h text encoder has clip_h" not in str(info.value)  # said the same thing twice
     narrow = pack["identity"].IdentityEmbeds(parts={"clip_l": torch.zeros(2, 32)}, info={"target": "sd1"})
