@@ -18,7 +18,8 @@ def detector_names() -> list[str]:
 
 def make_detector(name: str = BUILTIN, *, insightface_root: str | Path | None = None, provider: str = "auto",
                   device: str = "cpu", det_size: int = 640) -> FaceDetector:
-    """``"mtcnn"`` or ``"insightface/<pack>"`` (then ``insightface_root`` is the models/insightface folder)."""
+    """``"mtcnn"`` or ``"insightface/<pack>"`` (then ``insightface_root`` is the models/insightface folder), on
+    ``device`` (for insightface's onnxruntime session: ``"cuda:N"`` runs the GPU providers on GPU N)."""
     if name == BUILTIN:
         from .mtcnn import MTCNNDetector
 
@@ -29,5 +30,5 @@ def make_detector(name: str = BUILTIN, *, insightface_root: str | Path | None = 
             raise ValueError(f"detector {name!r} needs insightface_root (the folder holding models/{pack}/)")
         from .insightface_detector import InsightFaceDetector
 
-        return InsightFaceDetector(insightface_root, pack, provider=provider, det_size=det_size)
+        return InsightFaceDetector(insightface_root, pack, provider=provider, det_size=det_size, device=str(device))
     raise ValueError(f"unknown face detector {name!r}; choose one of {detector_names()}")

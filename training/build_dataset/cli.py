@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dreamid_core import FacePipeline, ImageInputError, detector_names
+from dreamid_core import FacePipeline, ImageInputError, detector_names, make_detector
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 from dreamid_core.images import load_image
 
@@ -207,11 +207,10 @@ def make_generator(args: argparse.Namespace) -> Any:
 
 
 def make_face_pipeline(args: argparse.Namespace) -> FacePipeline:
-    from ..common.face_detector import make_face_detector
     from ..common.generation import resolve_device
 
     device = resolve_device(args.device, shard=args.shard)
-    detector = make_face_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider,
+    detector = make_detector(args.detector, insightface_root=args.insightface_root, provider=args.provider,
                                   device=device)
     # the full search: the records say how many faces each photo shows (num_faces)
     return FacePipeline(detector, retry=args.detect_retry, quick_min_face=None)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dreamid_core import FacePipeline, detector_names, load_encoder
+from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 from dreamid_core.fileio import atomic_write
 
@@ -81,7 +81,6 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..common.base_model import load_base_model
-    from ..common.face_detector import make_face_detector
     from ..common.generation import resolve_device, resolve_dtype
     from ..common.scorers import ClipScorer, IdentityScorer
     from ..learn_identity.sampling import IdentityGenerator
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = load_prompts(args.prompts, args.trigger)
     identity = IdentityScorer(args.face_model, device=device, provider=args.provider).load()
     clip = ClipScorer(args.clip_model, device=device).load()
-    pipeline = FacePipeline(make_face_detector(args.detector, insightface_root=args.insightface_root,
+    pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
                                                provider=args.provider, device=device), retry=args.detect_retry)
     faces, skipped = load_test_faces(args.faces, pipeline)
     base = load_base_model(args.base_model, family=args.family, config=args.base_config,

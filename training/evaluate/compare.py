@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dreamid_core import FacePipeline, load_encoder
+from dreamid_core import FacePipeline, load_encoder, make_detector
 from dreamid_core.cli_runner import HelpFormatter, describe, run_main
 
 from . import protocol as ev
@@ -83,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ..common.base_model import load_base_model
-    from ..common.face_detector import make_face_detector
     from ..common.generation import resolve_device, resolve_dtype
     from ..common.scorers import ClipScorer, IdentityScorer
     from ..learn_identity.sampling import IdentityGenerator
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     prompts = ev.load_prompts(args.prompts, args.trigger)
     identity = IdentityScorer(args.face_model, device=device, provider=args.provider).load()
     clip = ClipScorer(args.clip_model, device=device).load()
-    pipeline = FacePipeline(make_face_detector(args.detector, insightface_root=args.insightface_root,
+    pipeline = FacePipeline(make_detector(args.detector, insightface_root=args.insightface_root,
                                                provider=args.provider, device=device), retry=args.detect_retry)
     faces, skipped = ev.load_test_faces(args.faces, pipeline)
     base = load_base_model(args.base_model, family=args.family, config=args.base_config,
