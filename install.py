@@ -9,8 +9,10 @@ It does two things pip cannot express in requirements.txt:
    built-in MTCNN detector needs neither it nor onnxruntime); without it and without any
    onnxruntime nothing is installed here. insightface depends on the CPU package ``onnxruntime``; installing
    ``onnxruntime-gpu`` beside it makes both write into the same folder, and CUDA face detection
-   silently disappears (the most reported install failure of identity packs). On a CUDA build of
-   torch we keep ``onnxruntime-gpu`` alone; otherwise ``onnxruntime`` alone. A user's own single
+   silently disappears (the most reported install failure of identity packs). When a GPU is usable
+   (a CUDA build of torch AND ``torch.cuda.is_available()``: a driver and a device) we keep
+   ``onnxruntime-gpu`` alone; otherwise ``onnxruntime`` alone (a CUDA build of torch on a machine
+   without a usable GPU gets the CPU package: the GPU one would not run there). A user's own single
    flavour (DirectML, ROCm, OpenVINO, silicon) is left alone. ``DREAMID_ORT=cpu|gpu|skip`` overrides.
 2. **The built-in face detector's weights.** ``facenet-pytorch`` carries the MTCNN weights (2 MB) in
    its wheel, but its metadata pins torch < 2.3, so it is installed with ``--no-deps``: only its
@@ -55,12 +57,20 @@ def insightface_installed() -> bool:
     return importlib.util.find_spec("insightface") is not None
 
 
-def torch_cuda() -> bool:
+def gpu_usable() -> tuple[bool, str]:
+    """Whether onnxruntime-gpu could run here, and why (said in the log)."""
     try:
         import torch
     except ImportError:
-        return False
-    return bool(getattr(torch.version, "cuda", None)) and sys.platform != "darwin"
+        return False, "torch is not installed"
+    if sys.platform == "darwin" or not getattr(torch.version, "cuda", None):
+        return False, "torch is not a CUDA build"
+    try:
+        if torch.cuda.is_available():
+            return True, f"a CUDA GPU is usable ({torch.cuda.get_device_name(0)})"
+    except Exception as exc:  # noqa: BLE001 - a broken driver is "not usable", with its message
+        return False, f"torch is a CUDA build but CUDA does not initialise ({exc})"
+    return False, "torch is a CUDA build but no GPU is usable here (no driver or no device)"
 
 
 def plan(ort: dict[str, str], cuda: bool, facenet_installed: bool, override: str | None = None,
@@ -96,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[DreamIdentity install] %(message)s")
     ort = _runtime().onnxruntime_distributions()
     has_insightface = insightface_installed()
-    steps = plan(ort, torch_cuda(), facenet_installed(), os.environ.get("DREAMID_ORT"), insightface=has_insightface)
-    logger.info("onnxruntime now: %s; torch CUDA: %s; insightface: %s", ort or "none", torch_cuda(),
+    cuda, why = gpu_usable()
+    steps = plan(ort, cuda, facenet_installed(), os.environ.get("DREAMID_ORT"), insightface=has_insightface)
+    logger.info("onnxruntime now: %s; %s -> %s; insightface: %s", ort or "none", why,
+                "onnxruntime-gpu" if cuda else "onnxruntime (CPU)",
                 "installed" if has_insightface else "not installed (optional: the built-in detector needs none)")
     if not steps:
         logger.info("nothing to do")

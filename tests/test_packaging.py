@@ -93,7 +93,7 @@ def install_needing_work(monkeypatch):
 
     monkeypatch.setattr(install, "_runtime", lambda: SimpleNamespace(
         onnxruntime_distributions=lambda: {"onnxruntime": "1.20", "onnxruntime-gpu": "1.20"}))
-    monkeypatch.setattr(install, "torch_cuda", lambda: True)
+    monkeypatch.setattr(install, "gpu_usable", lambda: (True, "a CUDA GPU is usable (test)"))
     monkeypatch.setattr(install, "facenet_installed", lambda: False)
     monkeypatch.setattr(install.subprocess, "run", fake_run)
     monkeypatch.delenv("DREAMID_ORT", raising=False)
@@ -120,3 +120,16 @@ def test_install_runs_the_plan_and_stops_at_a_failing_pip(install_needing_work):
     calls.clear()
     state["rc"] = 3
     assert install.main([]) == 3 and len(calls) == 1  # the first failure stops the rest
+
+
+def test_install_decides_by_a_usable_gpu_not_by_the_torch_build(monkeypatch):
+    """A CUDA build of torch on a machine without a usable GPU gets the CPU onnxruntime."""
+    install = load_install()
+    fake = SimpleNamespace(version=SimpleNamespace(cuda="12.4"),
+                           cuda=SimpleNamespace(is_available=lambda: False, get_device_name=lambda i: "none"))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    cuda, why = install.gpu_usable()
+    assert not cuda and "no GPU is usable" in why
+    assert install.plan({}, cuda, True)[0] == ["install", "onnxruntime"]
+    fake.cuda.is_available = lambda: True
+    assert install.gpu_usable()[0]
