@@ -142,3 +142,19 @@ def test_families_without_word_identities_are_refused_by_name(comfyui, pack):
         with pytest.raises(errors.IncompatibleEncoderError, match=rf"\({model}\).*{key} cannot take a word identity"
                                                                    r".*FLUX\.1"):
             pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, "a photo of S*", "S*")
+
+
+def test_learning_on_a_dit_checkpoint_is_refused_naming_what_works(comfyui, pack, clips):
+    from face_photos import HAVE_PHOTOS
+    from test_learn_nodes import small_sd2_model
+
+    if not HAVE_PHOTOS:
+        pytest.skip("needs the sample photos")
+    with torch.inference_mode():
+        model = small_sd2_model()
+    node = pack["nodes"]["DreamID_LearnIdentity"]()
+    for kind in PARTS:
+        with pytest.raises(Exception, match=rf"this CLIP is {kind} .*learning an identity works on sd1, sd2, sdxl"):
+            node.learn(model=model, clip=clips[kind], vae=object(), image=torch.zeros(1, 64, 64, 3), steps=1,
+                       learning_rate=0.01, attention_loss_weight=0.0, layout="words", num_tokens=2, init_word="person",
+                       class_word="person", resolution=64, batch_size=1, seed=0, gradient_checkpointing=False)
