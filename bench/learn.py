@@ -340,6 +340,70 @@ def project(mods) -> None:
     print("  goal: SD1.5 512 px x 200 steps <= 20 s on a 4090-class GPU")
 
 
+def accounting(mods, family: str, sizes=(128, 256), target=None) -> None:
+    """Weights and what one step holds for backward, per memory mode, measured on the CPU in bf16 (what the
+    GPU runs in) at two small sizes and extrapolated linearly in pixels to the real size (activations of
+    convolutions, linear layers, SDPA attention and the recorded maps all grow with the pixel count)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_tiny import init_weights_, tiny_clip
+
+    config, res_real, ctx = (SD15_UNET, 512, 768) if family == "sd15" else (SDXL_UNET, 1024, 2048)
+    cls = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL
+    cfg = cls(dict(config))
+    cfg.set_inference_dtype(torch.bfloat16, None)
+    with torch.inference_mode():
+        model = cfg.get_model({})
+        init_weights_(model.diffusion_model, 0)
+        model.diffusion_model.to(torch.bfloat16)
+        clip = tiny_clip("sd1" if family == "sd15" else "sdxl", 768 if family == "sd15" else (768, 1280), seed=1,
+                         dtype=torch.float32)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    unet_gib = sum(p.numel() for p in model.diffusion_model.parameters()) * 2 / 2**30
+    text_params = {"sd15": 123e6, "sdxl": 123e6 + CLIP_G_PARAMS + 0.0}[family]
+    before = attention.optimized_attention
+    attention.optimized_attention = attention.attention_pytorch  # SDPA, as on a GPU
+    rows = {}
+    try:
+        for mode in ({}, {"gradient_checkpointing": True}, {"offload": True},
+                     {"gradient_checkpointing": True, "offload": True}):
+            held = []
+            for res in sizes:
+                with torch.inference_mode(False), torch.enable_grad():
+                    host = mods.host.ComfyHost(patcher, clip, **mode)
+                    lat = res // 8
+                    x0 = torch.randn(1, 4, lat, lat)
+                    with host:
+                        noised = host.noise(x0, torch.randn_like(x0), torch.tensor([500]))
+                        context = torch.randn(1, 77, ctx, requires_grad=True)
+                        pooled = torch.randn(1, 1280) if family == "sdxl" else None
+                        cond = mods.core.Conditioning(context, pooled)
+
+                        def step(host=host, noised=noised, cond=cond, x0=x0):
+                            d, _ = host.denoise(noised, cond, record=False)
+                            return (d.float() - x0).square().mean()
+
+                        loss, nbytes = mods.memory.held_bytes(step)
+                        loss.backward()
+                held.append(nbytes)
+            (r0, h0), (r1, h1) = zip(sizes, held, strict=True)
+            slope = (h1 - h0) / (r1 * r1 - r0 * r0)
+            rows[" + ".join(mode) or "plain"] = (h0 + slope * (res_real * res_real - r0 * r0)) / 2**30
+    finally:
+        attention.optimized_attention = before
+    text_gib = text_params * 2 / 2**30
+    print(f"\nmemory accounting, {family.upper()} at {res_real} px, batch 1, bf16 weights (measured held bytes at "
+          f"{sizes} px, extrapolated in pixels):")
+    print(f"  weights: UNet {unet_gib:.2f} GiB + text encoders {text_gib:.2f} GiB; offload keeps about one layer of the "
+          "UNet on the device (ComfyUI streams the rest)")
+    for name, gib in rows.items():
+        resident = (0.0 if "offload" in name else unet_gib) + text_gib
+        print(f"  {name:<36} held for backward {gib:6.2f} GiB   resident weights {resident:5.2f} GiB   "
+              f"total {gib + resident:6.2f} GiB" + (f"  (goal {target} GiB)" if target else ""))
+
+
 # -- main ----------------------------------------------------------------------------------------------
 
 class Mods:
@@ -366,6 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--rss", action="store_true", help="CPU: resident growth during steps, one child process per loop")
     p.add_argument("--fixed-cost", action="store_true", help="the node's per-call costs against a 200-step run")
     p.add_argument("--project", action="store_true", help="FLOPs at SD1.5 512 px / SDXL 1024 px and GPU times")
+    p.add_argument("--accounting", choices=("sd15", "sdxl"), help="only the memory accounting of that model per mode")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -378,6 +443,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         env.args.cpu = False  # pragma: no cover - a GPU machine imports ComfyUI with its device
+    if args.accounting:
+        accounting(mods, args.accounting, target={"sd15": 6, "sdxl": 12}[args.accounting])
+        return 0
     names = [n.strip() for n in args.loops.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOOPS]
     if unknown:
