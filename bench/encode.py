@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from dreamid_core import BackboneConfig, EncoderConfig, FacePipeline, IDEncoder, make_detector
-from dreamid_core.faces import _resize
-from dreamid_core.images import to_rgb_list
+from dreamid_core.faces.images import to_rgb_list
+from dreamid_core.faces.pipeline import _resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the old cascade, kept as a reference
 from mtcnn_reference import ReferenceMTCNN  # noqa: E402

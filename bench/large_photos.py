@@ -20,8 +20,8 @@ import torch
 from timing import median_time
 
 from dreamid_core import FacePipeline, make_detector
-from dreamid_core.align import ARCFACE_TEMPLATE_112, align_face
-from dreamid_core.images import load_image
+from dreamid_core.faces.align import ARCFACE_TEMPLATE_112, align_face
+from dreamid_core.faces.images import load_image
 
 
 def resized(image: np.ndarray, height: int, width: int) -> np.ndarray:

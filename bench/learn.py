@@ -13,7 +13,7 @@ reference: textual inversion in the plainest way on the same architecture: its o
 as normal tensors with ``requires_grad_(False)`` (made once, not timed), the prompt with S* through
 ``clip.encode_from_tokens``, ``diffusion_model(x, t, context)``, the eps MSE, backward, Adam; with the
 attention loss on, plus the one no-grad class-word forward the attention loss needs.
-node: ``dreamid_core.learning.IdentityLearner.step`` on ``nodes.learn_host.ComfyHost`` (what the node runs).
+node: ``dreamid_core.learning.IdentityLearner.step`` on ``nodes.adapters.learn_host.ComfyHost`` (what the node runs).
 
 Printed per loop: CPU seconds per step (process time, one torch thread; on CUDA wall time after a sync),
 the bytes one step holds between forward and backward (glibc heap counters, CPU) or its peak
@@ -413,11 +413,11 @@ class Mods:
         def get(name):
             return sys.modules[f"{root}.{name}"]
 
-        self.core, self.host = get("dreamid_core.learning"), get("nodes.learn_host")
-        self.identity, self.tokens = get("dreamid_core.learned_identity"), get("nodes.comfy_tokens")
+        self.core, self.host = get("dreamid_core.learning"), get("nodes.adapters.learn_host")
+        self.identity, self.tokens = get("dreamid_core.identities.learned_identity"), get("nodes.adapters.comfy_tokens")
         self.frozen, self.memory = get("dreamid_core.learning.frozen"), get("dreamid_core.learning.memory")
-        self.faces, self.detectors = get("dreamid_core.faces"), get("dreamid_core.detectors")
-        self.plot, self.watch = get("nodes.loss_plot"), get("nodes.learn_watch")
+        self.faces, self.detectors = get("dreamid_core.faces.pipeline"), get("dreamid_core.faces.detectors")
+        self.plot, self.watch = get("nodes.adapters.loss_plot"), get("nodes.adapters.learn_watch")
 
 
 def main(argv=None) -> int:

@@ -55,7 +55,7 @@ def main() -> None:
     nodes = load_pack(env.nodes, REPO)
     pack_root = nodes["DreamID_EncodeFace"].__module__.split(".nodes.")[0]
     core = sys.modules[f"{pack_root}.dreamid_core"]
-    identity = sys.modules[f"{pack_root}.dreamid_core.identity"]
+    identity = sys.modules[f"{pack_root}.dreamid_core.identities.embeds"]
 
     clip = sd2_clip(args.clip)
     width = clip.cond_stage_model.clip_h.transformer.get_input_embeddings().weight.shape[1]

@@ -4,12 +4,10 @@ Face photo -> face pipeline (detect, align) -> face ViT taps [v3, v6, v9, v12, v
 -> S*, k pseudo-words in the text encoder's word-embedding space -> spliced into the prompt.
 """
 
-from .backbone import FaceViT, FaceViTOutput
-from .config import BACKBONE_PRESETS, FORMAT_VERSION, TEXT_ENCODER_PRESETS, BackboneConfig, EncoderConfig
-from .detection import Detection, FaceDetector
-from .detectors import detector_names, make_detector
-from .embedding_io import sanitize_name, write_embedding
-from .encoder import COMBINE_MODES, IDEncoder
+from .encoder.backbone import FaceViT, FaceViTOutput
+from .encoder.config import BACKBONE_PRESETS, FORMAT_VERSION, TEXT_ENCODER_PRESETS, BackboneConfig, EncoderConfig
+from .encoder.model import COMBINE_MODES, IDEncoder
+from .encoder.weights import load_arcface_backbone, load_encoder, read_encoder_config, save_encoder
 from .errors import (
     ConfigError,
     DreamIDError,
@@ -22,11 +20,13 @@ from .errors import (
     TriggerNotFoundError,
     WeightFormatError,
 )
-from .faces import FacePipeline, FaceResult, PipelineReport
-from .learned_identity import IdentityConfig, LearnedIdentity, load_learned_identity, save_learned_identity
-from .tokens import ChunkLayout, PromptTokens, chunk_groups, prompt_groups, tokenize_prompt
-from .trigger import TriggerMatch, check_trigger, find_triggers, split_on_triggers
-from .weights import load_arcface_backbone, load_encoder, read_encoder_config, save_encoder
+from .faces.detection import Detection, FaceDetector
+from .faces.detectors import detector_names, make_detector
+from .faces.pipeline import FacePipeline, FaceResult, PipelineReport
+from .identities.embedding_io import sanitize_name, write_embedding
+from .identities.learned_identity import IdentityConfig, LearnedIdentity, load_learned_identity, save_learned_identity
+from .identities.tokens import ChunkLayout, PromptTokens, chunk_groups, prompt_groups, tokenize_prompt
+from .identities.trigger import TriggerMatch, check_trigger, find_triggers, split_on_triggers
 
 __version__ = "0.1.0"
 

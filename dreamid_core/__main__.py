@@ -1,7 +1,7 @@
-"""``python -m dreamid_core``: see :mod:`dreamid_core.cli`."""
+"""``python -m dreamid_core``: see :mod:`dreamid_core.cli.main`."""
 
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

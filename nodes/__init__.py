@@ -1,21 +1,16 @@
-"""ComfyUI node classes of the pack: thin adapters over dreamid_core (no model math here)."""
+"""ComfyUI node classes of the pack: thin adapters over dreamid_core (no model math here). The ComfyUI glue
+that is not a node class lives in :mod:`.adapters`."""
 
-from ..dreamid_core.runtime import check_onnxruntime
+from ..dreamid_core.faces.runtime import check_onnxruntime
+from .adapters.paths import register_folders
 from .encoder_nodes import DreamIDEncodeFace, DreamIDLoadIDEncoder
-from .identity_nodes import (
-    DreamIDApplyPerStageIdentity,
-    DreamIDLoadIdentity,
-    DreamIDSaveLearnedIdentity,
-    register_identity_folder,
-)
+from .identity_nodes import DreamIDApplyPerStageIdentity, DreamIDLoadIdentity, DreamIDSaveLearnedIdentity
 from .learn_nodes import DreamIDLearnIdentity
-from .paths import register_folders
 from .region_nodes import DreamIDIdentityRegions
 from .scene_node import DreamIDHeadPlacement, DreamIDScenePosition
 from .text_nodes import DreamIDInjectIDTokens, DreamIDSaveIDEmbedding
 
 register_folders()
-register_identity_folder()
 check_onnxruntime()  # warn at start-up, with the fix, if onnxruntime and onnxruntime-gpu clash
 
 NODE_CLASS_MAPPINGS = {

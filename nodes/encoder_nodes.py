@@ -13,13 +13,13 @@ import folder_paths
 import torch
 
 from ..dreamid_core import COMBINE_MODES, EncoderConfig, FacePipeline, load_encoder, make_detector
-from ..dreamid_core.detectors import BUILTIN, detector_names
+from ..dreamid_core.encoder.identity import encode_identity
 from ..dreamid_core.errors import FaceSelectionError, ModelFilesError
-from ..dreamid_core.faces import ON_MISSING, ORDERS, PipelineReport
-from ..dreamid_core.identity import encode_identity
-from ..dreamid_core.insightface_detector import resolve_pack_dir
-from ..dreamid_core.runtime import PROVIDER_CHOICES
-from .paths import (
+from ..dreamid_core.faces.detectors import BUILTIN, detector_names
+from ..dreamid_core.faces.insightface_detector import resolve_pack_dir
+from ..dreamid_core.faces.pipeline import ON_MISSING, ORDERS, PipelineReport
+from ..dreamid_core.faces.runtime import PROVIDER_CHOICES
+from .adapters.paths import (
     BACKBONE_IN_FILE,
     ENCODER_FOLDER,
     INSIGHTFACE_FOLDER,
@@ -27,7 +27,7 @@ from .paths import (
     encoder_files,
     encoder_path,
 )
-from .validation import require_finite
+from .adapters.validation import require_finite
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"

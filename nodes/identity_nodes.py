@@ -1,6 +1,6 @@
 """DreamID_ApplyPerStageIdentity, DreamID_LoadIdentity, DreamID_SaveLearnedIdentity.
 
-A learned identity travels as DREAMID_IDENTITY (``dreamid_core.learned_identity.LearnedIdentity``, both
+A learned identity travels as DREAMID_IDENTITY (``dreamid_core.identities.learned_identity.LearnedIdentity``, both
 layouts). ``per_stage`` files go to ``models/dreamidentity/identities``: their tensors are ``[S, 2, k, D]``,
 which ComfyUI's ``embedding:NAME`` loader would misread, so they must not sit in ``models/embeddings``;
 ``words`` identities are standard textual-inversion files and go to ``models/embeddings``.
@@ -9,89 +9,17 @@ which ComfyUI's ``embedding:NAME`` loader would misread, so they must not sit in
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import folder_paths
 
 from ..dreamid_core import sanitize_name
-from ..dreamid_core.identity import IdentityEmbeds
-from ..dreamid_core.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
-from .attention_patches import PerStagePatch, stage_selector
-from .comfy_tokens import part_key, tokenize_with_identities, tokenizer_keys
+from ..dreamid_core.identities.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
+from .adapters.paths import IDENTITY_FOLDER, identity_files, identity_path
+from .adapters.per_stage import apply_per_stage, clip_single_key, representative_embeds
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
-IDENTITY_FOLDER = "dreamid_identities"
-NO_FILES = "(no identity files)"
-_EXTS = {".safetensors", ".pt", ".bin"}
-
-
-def register_identity_folder() -> None:
-    """Folder ``dreamid_identities`` = ``identities/`` inside every ``dreamidentity`` folder (so an
-    extra_model_paths.yaml entry for dreamidentity carries over), merged with any the user registered."""
-    bases = folder_paths.get_folder_paths("dreamidentity") if "dreamidentity" in folder_paths.folder_names_and_paths \
-        else [os.path.join(folder_paths.models_dir, "dreamidentity")]
-    defaults = [os.path.join(b, "identities") for b in bases]
-    if IDENTITY_FOLDER in folder_paths.folder_names_and_paths:
-        paths, known = folder_paths.folder_names_and_paths[IDENTITY_FOLDER]
-        exts = set(known) | _EXTS if known else set()  # an empty set means "every extension"
-    else:
-        paths, exts = [], set(_EXTS)
-    paths = list(paths) + [d for d in defaults if d not in paths]
-    folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = (paths, exts)
-
-
-def identity_files() -> list[str]:
-    names = [f"identities/{n}" for n in folder_paths.get_filename_list(IDENTITY_FOLDER)]
-    names += [f"embeddings/{n}" for n in folder_paths.get_filename_list("embeddings")
-              if Path(n).suffix in _EXTS]
-    return names or [NO_FILES]
-
-
-def identity_path(name: str) -> str:
-    folder, _, rest = name.partition("/")
-    source = {"identities": IDENTITY_FOLDER, "embeddings": "embeddings"}.get(folder)
-    if name == NO_FILES or source is None or not rest:
-        raise FileNotFoundError(f"identity {name!r}: pick a file from the list (models/dreamidentity/identities or "
-                                "models/embeddings); press R to refresh it after adding files.")
-    return folder_paths.get_full_path_or_raise(source, rest)
-
-
-def representative_embeds(ident: LearnedIdentity) -> IdentityEmbeds:
-    """DREAMID_EMBEDS for any identity: ``words`` -> S*; ``per_stage`` -> the first sampling stage's
-    (noisiest, layout-deciding) KEY vectors, an approximation for nodes that take one S*."""
-    if ident.layout == "words":
-        return ident.to_embeds()
-    s = ident.config.num_stages - 1
-    parts = {k: v.clone() for k, v in ident.stage_vectors(s, "key").items()}
-    return IdentityEmbeds(parts=parts, info={"target": ident.config.target, "learned": True,
-                                             "from_per_stage": f"stage {s} key"})
-
-
-def clip_single_key(clip) -> str | None:
-    keys = tokenizer_keys(clip) if clip is not None else []
-    return part_key(clip, keys[0]) if len(keys) == 1 else None
-
-
-def apply_per_stage(model, clip, ident: LearnedIdentity, text: str, trigger: str):
-    """(MODEL clone with the per-stage attn2 patch for ``text``, the positive CONDITIONING)."""
-    S = ident.config.num_stages if ident.layout == "per_stage" else 1
-    contexts = {}
-    for s in range(S):
-        for kv in ("key", "value"):
-            tokens, _ = tokenize_with_identities(clip, text, {trigger: ident.stage_vectors(s, kv)})
-            contexts[(s, kv)] = clip.encode_from_tokens(tokens, return_pooled=True)[0]
-    tokens, _ = tokenize_with_identities(clip, text, {trigger: ident.stage_vectors(S - 1, "key")})
-    positive = clip.encode_from_tokens_scheduled(tokens)
-    patched = model.clone()
-    kind = ident.config.stage_kind if ident.layout == "per_stage" else "time"
-    patched.set_model_attn2_patch(PerStagePatch([contexts[(s, "key")] for s in range(S)],
-                                                [contexts[(s, "value")] for s in range(S)],
-                                                stage_selector(patched, S, kind)))
-    return patched, positive
-
-
 class DreamIDApplyPerStageIdentity:
     DESCRIPTION = ("Generates with a per-stage identity: for the positive prompt, every cross-attention layer gets "
                    "the keys from the stage's KEY tokens and the values from its VALUE tokens (stages by denoising "

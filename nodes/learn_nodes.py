@@ -22,11 +22,13 @@ import folder_paths
 import torch
 
 from ..dreamid_core import sanitize_name
-from ..dreamid_core.detectors import make_detector
-from ..dreamid_core.faces import ON_MISSING, FacePipeline
-from ..dreamid_core.families import family_of
-from ..dreamid_core.identity import fit_parts, parts_from_crops
-from ..dreamid_core.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
+from ..dreamid_core.encoder.identity import parts_from_crops
+from ..dreamid_core.faces.detectors import make_detector
+from ..dreamid_core.faces.pipeline import ON_MISSING, FacePipeline
+from ..dreamid_core.identities.embeds import fit_parts
+from ..dreamid_core.identities.families import family_of
+from ..dreamid_core.identities.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
+from ..dreamid_core.identities.trigger import find_triggers
 from ..dreamid_core.learning import (
     IdentityLearner,
     LearnSettingsError,
@@ -35,13 +37,13 @@ from ..dreamid_core.learning import (
     from_word_rows,
 )
 from ..dreamid_core.learning.resume import check_resume
-from ..dreamid_core.trigger import find_triggers
-from .comfy_tokens import part_widths
-from .identity_nodes import IDENTITY_FOLDER, representative_embeds
-from .learn_host import ComfyHost, encode_photos
-from .learn_watch import PREVIEW_MAX_SIDE, Previews, Snapshots
-from .loss_plot import loss_curve_image
-from .validation import NodeInputError, require_finite
+from .adapters.comfy_tokens import part_widths
+from .adapters.learn_host import ComfyHost, encode_photos
+from .adapters.learn_watch import PREVIEW_MAX_SIDE, Previews, Snapshots
+from .adapters.loss_plot import loss_curve_image
+from .adapters.paths import IDENTITY_FOLDER
+from .adapters.per_stage import representative_embeds
+from .adapters.validation import NodeInputError, require_finite
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"

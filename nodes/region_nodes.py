@@ -2,7 +2,7 @@
 
 The prompt is encoded like DreamID_InjectIDTokens (so the CONDITIONING is the same); the MODEL is a clone
 with an attn2 replace patch on every cross-attention block that adds ``log(mask)`` to the attention logits
-of each identity's token positions (``dreamid_core.regions``), for the positive batch chunks only. The
+of each identity's token positions (``dreamid_core.identities.regions``), for the positive batch chunks only. The
 patch goes through ComfyUI's patch API, so LoRAs (weight patches) and ControlNets (residuals) compose with
 it; another pack's attn2 *replace* patch on the same blocks would replace this one (last one set wins).
 """
@@ -16,9 +16,9 @@ from comfy.ldm.modules import attention as comfy_attention
 
 from ..dreamid_core import check_trigger
 from ..dreamid_core.errors import TriggerNotFoundError
-from ..dreamid_core.regions import biased_attention, check_aspect, check_region_mask, region_bias
-from .attention_patches import attention_blocks
-from .comfy_tokens import tokenize_with_identities
+from ..dreamid_core.identities.regions import biased_attention, check_aspect, check_region_mask, region_bias
+from .adapters.attention_patches import attention_blocks
+from .adapters.comfy_tokens import tokenize_with_identities
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -67,7 +67,7 @@ class RegionPatch:
             bias = self.bias(grid, latent, ki.shape[1]).to(qi.device)
             out.append(biased_attention(qi, ki, vi, heads, bias))
             if self.record is not None:
-                from ..dreamid_core.regions import attention_probs
+                from ..dreamid_core.identities.regions import attention_probs
 
                 self.record.append((extra_options.get("block"), attention_probs(qi, ki, heads, bias), grid))
         return torch.cat(out)

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from ..dreamid_core.keypoints import STYLES, draw_hint, head_mask, place_head, reference_landmarks
-from .validation import require_finite
+from ..dreamid_core.faces.keypoints import STYLES, draw_hint, head_mask, place_head, reference_landmarks
+from .adapters.validation import require_finite
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"

@@ -9,8 +9,8 @@ import folder_paths
 
 from ..dreamid_core import check_trigger, sanitize_name, write_embedding
 from ..dreamid_core.errors import TriggerNotFoundError
-from ..dreamid_core.identity import IdentityEmbeds
-from .comfy_tokens import is_common_word, tokenize_with_identities
+from ..dreamid_core.identities.embeds import IdentityEmbeds
+from .adapters.comfy_tokens import is_common_word, tokenize_with_identities
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"

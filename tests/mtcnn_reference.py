@@ -1,4 +1,4 @@
-"""The MTCNN cascade as it was before the batched rewrite (dreamid_core/mtcnn.py at commit 3978ef3):
+"""The MTCNN cascade as it was before the batched rewrite (dreamid_core/faces/mtcnn.py at commit 3978ef3):
 one P-Net call per pyramid level, crops supersampled from the full image, one photo at a time.
 
 Kept only as a reference: tests check that the fast path finds the same faces with the same boxes
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamid_core.detection import Detection
 from dreamid_core.errors import ImageInputError
-from dreamid_core.mtcnn import _CELL, _STRIDE, MTCNNDetector, PNet, _normalise, _regress, _square
+from dreamid_core.faces.detection import Detection
+from dreamid_core.faces.mtcnn import _CELL, _STRIDE, MTCNNDetector, PNet, _normalise, _regress, _square
 
 logger = logging.getLogger(__name__)
 _CHUNK = 128  # crops per R-Net/O-Net forward

@@ -39,7 +39,7 @@ def portraits() -> dict[str, np.ndarray]:
     """name -> RGB uint8 photo, read with the pack's own loader (the RGBA one composited over grey)."""
     from PIL import Image
 
-    from dreamid_core.images import to_rgb_uint8
+    from dreamid_core.faces.images import to_rgb_uint8
 
     path = sdist_path()
     if path is None:

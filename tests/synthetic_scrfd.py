@@ -49,7 +49,7 @@ NUM_ANCHORS = 2
 GAIN = 20.0
 THRESHOLD = 0.65
 BOX_DISTANCE = 3.0  # stride units, each side
-#: the ArcFace 112x112 template (dreamid_core.align.ARCFACE_TEMPLATE_112) about (56, 66), / 16
+#: the ArcFace 112x112 template (dreamid_core.faces.align.ARCFACE_TEMPLATE_112) about (56, 66), / 16
 _TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                       [70.7299, 92.2041]], dtype=np.float32)
 KPS_OFFSETS = (_TEMPLATE - np.array([56.0, 66.0], dtype=np.float32)) / 16.0  # [5, 2] stride units

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamid_core.align import (
+from dreamid_core.faces.align import (
     ARCFACE_TEMPLATE_112,
     align_face,
     apply_transform,

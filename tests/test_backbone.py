@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamid_core import BackboneConfig, FaceViT, WeightFormatError, load_arcface_backbone
-from dreamid_core.weights import backbone_config_from_state_dict
+from dreamid_core.encoder.weights import backbone_config_from_state_dict
 
 
 def arcface_state_dict(width: int, depth: int, patch: int = 9, image: int = 112, feats: int = 512,

@@ -348,7 +348,7 @@ def test_each_shard_detects_and_scores_on_its_own_gpu(tmp_path, monkeypatch):
 
     onnxruntime = pytest.importorskip("onnxruntime")
     model_zoo = pytest.importorskip("insightface.model_zoo.model_zoo")
-    from dreamid_core.insightface_detector import PACKS
+    from dreamid_core.faces.insightface_detector import PACKS
     from training.common import scorers
 
     pack = tmp_path / "insightface" / "models" / "antelopev2"

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, save_encoder
-from dreamid_core.cli import sample_photo
+from dreamid_core.cli.main import sample_photo
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("insightface") is None
                                 or importlib.util.find_spec("facenet_pytorch") is None,

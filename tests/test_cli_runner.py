@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamid_core.cli_runner import EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, log_level, run_main
+from dreamid_core.cli.runner import EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, log_level, run_main
 from dreamid_core.errors import DreamIDError, FaceNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamid_core.detection import Detection, nms
+from dreamid_core.faces.detection import Detection, nms
 
 
 def test_nms_union_and_min():

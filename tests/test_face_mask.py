@@ -1,4 +1,4 @@
-"""dreamid_core.face_mask: soft face masks and the augmentation masks and latents share."""
+"""dreamid_core.faces.face_mask: soft face masks and the augmentation masks and latents share."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamid_core.face_mask import Crop, face_mask, map_through, random_crop, scale_crop, square_crop
+from dreamid_core.faces.face_mask import Crop, face_mask, map_through, random_crop, scale_crop, square_crop
 
 BOX = (10.0, 8.0, 22.0, 24.0)  # x1, y1, x2, y2 in a 32 x 32 grid
 LANDMARKS = np.array([[13, 13], [19, 13], [16, 17], [14, 20], [18, 20]], dtype=np.float32)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dreamid_core import FaceNotFoundError, FacePipeline, FaceSelectionError, make_detector
-from dreamid_core.align import ARCFACE_TEMPLATE_112
-from dreamid_core.images import load_image
+from dreamid_core.faces.align import ARCFACE_TEMPLATE_112
+from dreamid_core.faces.images import load_image
 
 _spec = importlib.util.find_spec("insightface")
 IMAGES = Path(_spec.origin).parent / "data" / "images" if _spec and _spec.origin else None

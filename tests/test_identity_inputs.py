@@ -87,7 +87,7 @@ def test_bad_identity_files_get_clear_errors_naming_the_file_not_the_server_path
 def test_an_identity_for_more_encoders_than_the_clip_has_works_the_same_everywhere(pack, sd2, comfyui):
     """One policy, as ComfyUI's embedding:NAME: the parts the CLIP reads are used, the others ignored
     (an SDXL identity on an SD2.x CLIP reads only... here the extra part rides along unused)."""
-    identity = pack["mods"]("dreamid_core.identity")
+    identity = pack["mods"]("dreamid_core.identities.embeds")
     width = sd2["clip"].cond_stage_model.clip_h.transformer.get_input_embeddings().weight.shape[1]
     parts = {"clip_h": torch.randn(2, width) * 0.1, "clip_g": torch.randn(2, 1280)}
     embeds = identity.IdentityEmbeds(parts=parts, info={"source": "two-encoder test"})
@@ -143,7 +143,7 @@ BAD_NAMES = {"": "no usable characters", "..": "is a path", "a/b": "is a path", 
 
 
 def _identity(pack, layout):
-    li = pack["mods"]("dreamid_core.learned_identity")
+    li = pack["mods"]("dreamid_core.identities.learned_identity")
     words = li.LearnedIdentity.words({"clip_h": torch.randn(2, 96)}, li.IdentityConfig(target="sd2"))
     return words if layout == "words" else li.LearnedIdentity.per_stage_from_words(
         words.tensors, li.IdentityConfig(target="sd2", num_stages=2))
@@ -163,7 +163,7 @@ def test_names_in_any_script_for_saved_identities(pack, folders, layout):
 
 
 def test_names_in_any_script_for_saved_embeddings(pack, folders):
-    identity = pack["mods"]("dreamid_core.identity")
+    identity = pack["mods"]("dreamid_core.identities.embeds")
     save = pack["nodes"]["DreamID_SaveIDEmbedding"]()
     embeds = identity.IdentityEmbeds(parts={"clip_h": torch.randn(2, 96)}, info={"target": "sd2"})
     for given, stored in NAMES.items():

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dreamid_core import ImageInputError
-from dreamid_core.images import block_means, load_image, resize_rgb, to_rgb_list, to_rgb_uint8
+from dreamid_core.faces.images import block_means, load_image, resize_rgb, to_rgb_list, to_rgb_uint8
 
 
 def test_greyscale_rgba_float_and_comfy_layouts():

@@ -31,7 +31,7 @@ AFTER = ["", "", "", ",", ".", "!", "?", ";", ":", "'s", "’s", '"', "'", ")", 
 def pack(comfyui):
     nodes = load_pack(comfyui.nodes, PACK)
     root = nodes["DreamID_EncodeFace"].__module__.split(".nodes.")[0]
-    return {"nodes": nodes, "identity": sys.modules[f"{root}.dreamid_core.identity"],
+    return {"nodes": nodes, "identity": sys.modules[f"{root}.dreamid_core.identities.embeds"],
             "errors": sys.modules[f"{root}.dreamid_core.errors"]}
 
 

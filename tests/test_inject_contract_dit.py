@@ -54,7 +54,7 @@ def widths(clip) -> dict[str, int]:
 def random_identity(pack, clip, k, seed):
     g = torch.Generator().manual_seed(seed)
     parts = {part: torch.randn(k, w, generator=g) * 0.2 for part, w in widths(clip).items()}
-    return pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts=parts, info={})
+    return pack["mods"]("dreamid_core.identities.embeds").IdentityEmbeds(parts=parts, info={})
 
 
 def save(pack, embeds, name):
@@ -81,7 +81,7 @@ def test_inject_equals_one_multi_key_embedding_on_generated_prompts(comfyui, pac
         embeds = random_identity(pack, clip, k, seed * 10 + k)
         token = save(pack, embeds, f"dit {kind} k{k}")
         identities[k] = (embeds, token)
-        assert set(pack["mods"]("dreamid_core.embedding_io").read_embedding(
+        assert set(pack["mods"]("dreamid_core.identities.embedding_io").read_embedding(
             emb_dir / f"{token.split(':', 1)[1]}.safetensors")) == set(PARTS[kind])  # one file, every encoder
     checked = 0
     for i in range(n):
@@ -120,7 +120,7 @@ def test_an_identity_of_one_family_on_another_names_both(comfyui, pack, clips):
     with pytest.raises(errors.IncompatibleEncoderError, match=r"\['clip_l', 't5xxl'\].*sdxl.*needs \['clip_g', "
                                                                r"'clip_l'\] \(no clip_g\)"):
         inject(pack, sdxl, flux_identity, "a photo of S*")
-    sdxl_identity = pack["mods"]("dreamid_core.identity").IdentityEmbeds(
+    sdxl_identity = pack["mods"]("dreamid_core.identities.embeds").IdentityEmbeds(
         parts={"clip_l": torch.randn(2, 64), "clip_g": torch.randn(2, 96)})
     with pytest.raises(errors.IncompatibleEncoderError, match=r"\['clip_g', 'clip_l'\].*flux.*\(no t5xxl\)"):
         inject(pack, clips["flux"], sdxl_identity, "a photo of S*")
@@ -138,7 +138,7 @@ def test_families_without_word_identities_are_refused_by_name(comfyui, pack):
         clip = SimpleNamespace(tokenizer=SimpleNamespace(**{key: tok}),
                                cond_stage_model=type(model, (), {key: object()})(),
                                tokenize=lambda text, _k=key: {_k: [[]]})
-        embeds = pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts={"clip_l": torch.zeros(2, 768)})
+        embeds = pack["mods"]("dreamid_core.identities.embeds").IdentityEmbeds(parts={"clip_l": torch.zeros(2, 768)})
         with pytest.raises(errors.IncompatibleEncoderError, match=rf"\({model}\).*{key} cannot take a word identity"
                                                                    r".*FLUX\.1"):
             pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, "a photo of S*", "S*")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dreamid_core import ModelFilesError
-from dreamid_core.insightface_detector import PACKS, resolve_pack_dir
+from dreamid_core.faces.insightface_detector import PACKS, resolve_pack_dir
 
 
 def fill(folder, files):
@@ -52,7 +52,7 @@ def test_the_detector_session_runs_on_the_given_gpu(tmp_path, monkeypatch, devic
     """An evaluation shard on cuda:2 detects on GPU 2, not on GPU 0 (no GPU needed: the session's options)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     model_zoo = pytest.importorskip("insightface.model_zoo.model_zoo")
-    from dreamid_core.insightface_detector import InsightFaceDetector
+    from dreamid_core.faces.insightface_detector import InsightFaceDetector
 
     fill(tmp_path / "models" / "antelopev2", PACKS["antelopev2"]["files"])
     seen = {}

@@ -21,8 +21,8 @@ pytest.importorskip("onnxruntime", reason="insightface runs its models with onnx
 from synthetic_scrfd import expected_face, write_scrfd_bnkps  # noqa: E402
 
 from dreamid_core import FaceNotFoundError, FacePipeline, ModelFilesError  # noqa: E402
-from dreamid_core.align import ARCFACE_TEMPLATE_112, similarity_transform  # noqa: E402
-from dreamid_core.insightface_detector import InsightFaceDetector  # noqa: E402
+from dreamid_core.faces.align import ARCFACE_TEMPLATE_112, similarity_transform  # noqa: E402
+from dreamid_core.faces.insightface_detector import InsightFaceDetector  # noqa: E402
 
 PACK = "antelopev2"
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
@@ -135,12 +135,12 @@ def test_cuda_on_cpu_onnxruntime_falls_back_with_a_reason(root, caplog):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA: no fallback to observe")
-    with caplog.at_level(logging.WARNING, logger="dreamid_core.insightface_detector"):
+    with caplog.at_level(logging.WARNING, logger="dreamid_core.faces.insightface_detector"):
         cpu = InsightFaceDetector(root, PACK, provider="cuda")
     assert cpu.providers == ["CPUExecutionProvider"]
     assert cpu._model.session.get_providers() == ["CPUExecutionProvider"]
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "dreamid_core.insightface_detector" and r.levelno == logging.WARNING]
+                if r.name == "dreamid_core.faces.insightface_detector" and r.levelno == logging.WARNING]
     assert any("cuda was asked for but onnxruntime offers only" in m and "runs on the CPU" in m
                and "onnxruntime-gpu" in m for m in warnings), warnings
     image, box, _ = case_photo("portrait-enlarged")

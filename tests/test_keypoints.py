@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from dreamid_core.align import ARCFACE_TEMPLATE_112
-from dreamid_core.keypoints import (
+from dreamid_core.faces.align import ARCFACE_TEMPLATE_112
+from dreamid_core.faces.keypoints import (
     FACE_HEIGHT_PER_EYE_MOUTH,
     draw_hint,
     openpose_head,

@@ -71,7 +71,7 @@ def _run(learner, steps=10):
 
 def diffusers_side(tw, photo_path, layout, attn):
     from dreamid_core import FacePipeline, make_detector
-    from dreamid_core.learned_identity import IdentityConfig
+    from dreamid_core.identities.learned_identity import IdentityConfig
     from dreamid_core.learning import IdentityLearner, RunOptions, from_word_rows
     from training.learn_identity.data import detect_faces, encode_photos
     from training.learn_identity.host import DiffusersHost
@@ -80,15 +80,15 @@ def diffusers_side(tw, photo_path, layout, attn):
     photos = encode_photos(arrays, faces, tw.base.vae, resolution=RES)
     with DiffusersHost(tw.base, num_stages=3) as host:
         start = from_word_rows(host.word_embeddings("person"), 2)
-        cfg = _config(sys.modules["dreamid_core.learned_identity"], tw.family, layout, attn)
+        cfg = _config(sys.modules["dreamid_core.identities.learned_identity"], tw.family, layout, attn)
         assert isinstance(cfg, IdentityConfig)
         learner = IdentityLearner(host, photos, cfg, start, RunOptions(batch_size=2))
         return photos, start, *_run(learner)
 
 
 def comfy_side(pack, tw, photo_path, layout, attn):
-    host_mod, core = pack["mods"]("nodes.learn_host"), pack["mods"]("dreamid_core.learning")
-    faces_mod, det = pack["mods"]("dreamid_core.faces"), pack["mods"]("dreamid_core.detectors")
+    host_mod, core = pack["mods"]("nodes.adapters.learn_host"), pack["mods"]("dreamid_core.learning")
+    faces_mod, det = pack["mods"]("dreamid_core.faces.pipeline"), pack["mods"]("dreamid_core.faces.detectors")
     image = torch.from_numpy(np.asarray(face_photo("tom", size=128), dtype=np.float32) / 255.0)[None]
     from PIL import Image
 
@@ -99,7 +99,7 @@ def comfy_side(pack, tw, photo_path, layout, attn):
         photos = host_mod.encode_photos(tw.vae, host, image, faces, RES)
         with host:
             start = core.from_word_rows(host.word_embeddings("person"), 2)
-            cfg = _config(pack["mods"]("dreamid_core.learned_identity"), tw.family, layout, attn)
+            cfg = _config(pack["mods"]("dreamid_core.identities.learned_identity"), tw.family, layout, attn)
             learner = core.IdentityLearner(host, photos, cfg, start, core.RunOptions(batch_size=2))
             return photos, start, *_run(learner)
 
@@ -127,7 +127,7 @@ def test_both_hosts_learn_the_same_identity(pack, twin, photo, layout, attn):
 def test_the_node_and_the_command_line_give_the_same_file(pack, twin, photo, tmp_path):
     from twin_models import save_diffusers
 
-    from dreamid_core.learned_identity import load_learned_identity
+    from dreamid_core.identities.learned_identity import load_learned_identity
     from training.learn_identity import cli
 
     folder = save_diffusers(twin, tmp_path / "base")

@@ -32,7 +32,7 @@ from dreamid_core import (
     make_detector,
     save_encoder,
 )
-from dreamid_core.learned_identity import (
+from dreamid_core.identities.learned_identity import (
     IdentityConfig,
     LearnedIdentity,
     load_learned_identity,

@@ -66,9 +66,9 @@ class Run:
 
     def __init__(self, pack, tw, *, layout="words", attn=0.0, stages=3, kind="time", ckpt=False, offload=False,
                  photos=1, steps=4, lr=0.01):
-        self.host_mod, self.core = pack["mods"]("nodes.learn_host"), pack["mods"]("dreamid_core.learning")
-        li, faces, det = (pack["mods"](n) for n in ("dreamid_core.learned_identity", "dreamid_core.faces",
-                                                      "dreamid_core.detectors"))
+        self.host_mod, self.core = pack["mods"]("nodes.adapters.learn_host"), pack["mods"]("dreamid_core.learning")
+        li, faces, det = (pack["mods"](n) for n in ("dreamid_core.identities.learned_identity",
+                                                      "dreamid_core.faces.pipeline", "dreamid_core.faces.detectors"))
         self.modes = (torch.inference_mode(False), torch.enable_grad())
         for m in self.modes:
             m.__enter__()

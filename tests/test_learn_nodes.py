@@ -146,8 +146,8 @@ def test_words_learning_lowers_the_loss_and_leaves_the_inputs_untouched(comfyui,
 
 def run_learner(pack, models, *, steps=4, lr=0.05, weight=0.0, terms=(1.0, 1.0, 1.0), layout="words", **opts):
     """The core learner on the node's host (ComfyHost), as DreamID_LearnIdentity runs it."""
-    host_mod, core = pack["mods"]("nodes.learn_host"), pack["mods"]("dreamid_core.learning")
-    li = pack["mods"]("dreamid_core.learned_identity")
+    host_mod, core = pack["mods"]("nodes.adapters.learn_host"), pack["mods"]("dreamid_core.learning")
+    li = pack["mods"]("dreamid_core.identities.learned_identity")
     with torch.inference_mode(False), torch.enable_grad():
         host = host_mod.ComfyHost(models["model"], models["clip"])
         faces = pack_pipeline(pack).process(photo()).faces
@@ -160,8 +160,8 @@ def run_learner(pack, models, *, steps=4, lr=0.05, weight=0.0, terms=(1.0, 1.0, 
 
 
 def pack_pipeline(pack):
-    faces = pack["mods"]("dreamid_core.faces")
-    return faces.FacePipeline(pack["mods"]("dreamid_core.detectors").make_detector("mtcnn"))
+    faces = pack["mods"]("dreamid_core.faces.pipeline")
+    return faces.FacePipeline(pack["mods"]("dreamid_core.faces.detectors").make_detector("mtcnn"))
 
 
 def test_attention_face_term_moves_identity_attention_into_the_face(pack, models):
@@ -175,8 +175,8 @@ def test_attention_face_term_moves_identity_attention_into_the_face(pack, models
 
 
 def test_the_full_attention_loss_falls_on_a_fixed_draw(pack, models):
-    host_mod = pack["mods"]("nodes.learn_host")
-    core, li = pack["mods"]("dreamid_core.learning"), pack["mods"]("dreamid_core.learned_identity")
+    host_mod = pack["mods"]("nodes.adapters.learn_host")
+    core, li = pack["mods"]("dreamid_core.learning"), pack["mods"]("dreamid_core.identities.learned_identity")
     with torch.inference_mode(False), torch.enable_grad():
         host = host_mod.ComfyHost(models["model"], models["clip"])
         photos = host_mod.encode_photos(models["vae"], host, photo(), pack_pipeline(pack).process(photo()).faces, RES)
@@ -216,7 +216,7 @@ def test_encoder_init_starts_where_word_init_arrives(pack, models):
 
 def _ident(pack, clip, stages=5, kind="time"):
     """Every stage's K and V = S*, the own word embeddings of "S*" (ids 338, 265) per text encoder."""
-    li = pack["mods"]("dreamid_core.learned_identity")
+    li = pack["mods"]("dreamid_core.identities.learned_identity")
     keys = [k for k in ("clip_l", "clip_h", "clip_g") if getattr(clip.cond_stage_model, k, None) is not None]
     parts = {k: getattr(clip.cond_stage_model, k).transformer.get_input_embeddings().weight[[338, 265]].float()
              for k in keys}
@@ -250,7 +250,7 @@ def test_per_stage_with_plain_s_star_equals_inject_id_tokens(comfyui, pack, requ
     model, clip = chosen["model"], chosen["clip"]
     ident, s_star = _ident(pack, clip, kind=kind)
     text, neg = "a photo of S* in a garden", encode(comfyui, clip, "blurry")
-    embeds = pack["mods"]("dreamid_core.identity").IdentityEmbeds(parts=s_star)
+    embeds = pack["mods"]("dreamid_core.identities.embeds").IdentityEmbeds(parts=s_star)
     with torch.inference_mode():
         injected = pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, text, "S*")
         injected = injected["result"][0] if isinstance(injected, dict) else injected[0]
@@ -348,7 +348,7 @@ def test_save_and_load_both_layouts(comfyui, pack, models):
     assert label == "identities/staged_me.safetensors" and (ident_dir / "staged_me.safetensors").is_file()
     loaded, embeds = pack["nodes"]["DreamID_LoadIdentity"]().load(label)
     assert loaded.layout == "per_stage" and torch.equal(loaded.tensors["clip_h"], staged.tensors["clip_h"])
-    li = pack["mods"]("dreamid_core.learned_identity")
+    li = pack["mods"]("dreamid_core.identities.learned_identity")
     words = li.LearnedIdentity.words({"clip_h": staged.tensors["clip_h"][0, 0]}, li.IdentityConfig(target="sd2"))
     assert save.save(words, "words_me", False)["result"][0] == "embedding:words_me"
     back, embeds = pack["nodes"]["DreamID_LoadIdentity"]().load("embeddings/words_me.safetensors", models["clip"])

@@ -138,12 +138,12 @@ def test_same_seed_previews_differ_only_by_the_identity(pack, models):
 
 
 def test_the_norm_constraint_holds_after_every_step(pack, models):
-    host_mod, core = pack["mods"]("nodes.learn_host"), pack["mods"]("dreamid_core.learning")
-    li = pack["mods"]("dreamid_core.learned_identity")
+    host_mod, core = pack["mods"]("nodes.adapters.learn_host"), pack["mods"]("dreamid_core.learning")
+    li = pack["mods"]("dreamid_core.identities.learned_identity")
     with torch.inference_mode(False), torch.enable_grad():
         host = host_mod.ComfyHost(models["model"], models["clip"])
-        faces = pack["mods"]("dreamid_core.faces").FacePipeline(
-            pack["mods"]("dreamid_core.detectors").make_detector("mtcnn")).process(photo()).faces
+        faces = pack["mods"]("dreamid_core.faces.pipeline").FacePipeline(
+            pack["mods"]("dreamid_core.faces.detectors").make_detector("mtcnn")).process(photo()).faces
         photos = host_mod.encode_photos(models["vae"], host, photo(), faces, RES)
         with host:
             target = host.vocabulary_norm()["clip_h"]

@@ -1,4 +1,4 @@
-"""dreamid_core.learned_identity: the identity container, its file, and plain textual-inversion files."""
+"""dreamid_core.identities.learned_identity: the identity container, its file, and plain textual-inversion files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dreamid_core.embedding_io import write_embedding
 from dreamid_core.errors import WeightFormatError
-from dreamid_core.learned_identity import (
+from dreamid_core.identities.embedding_io import write_embedding
+from dreamid_core.identities.learned_identity import (
     IDENTITY_FORMAT_VERSION,
     META_KEY,
     IdentityConfig,

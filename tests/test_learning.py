@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dreamid_core.errors import ConfigError
-from dreamid_core.learned_identity import IdentityConfig
+from dreamid_core.identities.learned_identity import IdentityConfig
 from dreamid_core.learning import (
     Encoded,
     LearnSettingsError,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreamid_core.detection import Detection
 from dreamid_core.errors import ImageInputError, ModelFilesError, WeightFormatError
-from dreamid_core.mtcnn import INSTALL_FIX, WEIGHT_FILES, MTCNNDetector, locate_weights
+from dreamid_core.faces.detection import Detection
+from dreamid_core.faces.mtcnn import INSTALL_FIX, WEIGHT_FILES, MTCNNDetector, locate_weights
 
 FIX = "pip install --no-deps facenet-pytorch==2.6.0"
 
@@ -227,7 +227,7 @@ def test_portraits_give_the_faces_the_old_cascade_found(detector: MTCNNDetector,
     differently, to the tolerance asked of a huge photo (IoU > 0.85, landmarks within 8%)."""
     from portrait_photos import PORTRAITS, portraits
 
-    from dreamid_core.faces import _resize
+    from dreamid_core.faces.pipeline import _resize
 
     for name, photo in portraits().items():
         small = _resize(photo, 640 / max(photo.shape[:2]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dreamid_core.mtcnn import PNet, _cells
-from dreamid_core.mtcnn_sampling import CropSampler, shelf_pack
+from dreamid_core.faces.mtcnn import PNet, _cells
+from dreamid_core.faces.mtcnn_sampling import CropSampler, shelf_pack
 
 
 def test_shelf_pack_places_levels_apart_on_even_offsets():

@@ -59,9 +59,9 @@ def test_model_folders_merge_with_extra_model_paths(comfyui):
     from comfy_env import load_pack
 
     nodes = load_pack(comfyui.nodes, PACK)
-    paths_module = sys.modules[nodes["DreamID_LoadIDEncoder"].__module__.rsplit(".", 1)[0] + ".paths"]
+    paths_module = sys.modules[nodes["DreamID_LoadIDEncoder"].__module__.rsplit(".", 1)[0] + ".adapters.paths"]
     fp = comfyui.folder_paths
-    saved = {k: fp.folder_names_and_paths.get(k) for k in ("dreamidentity", "insightface")}
+    saved = {k: fp.folder_names_and_paths.get(k) for k in ("dreamidentity", "insightface", "dreamid_identities")}
     try:
         # as if extra_model_paths.yaml had registered the user's own folders before the pack imported
         fp.folder_names_and_paths["dreamidentity"] = (["/mnt/models/dreamid"], {".safetensors"})
@@ -72,6 +72,10 @@ def test_model_folders_merge_with_extra_model_paths(comfyui):
         assert os.path.join(fp.models_dir, "dreamidentity") in dreamid_paths
         assert {".safetensors", ".pt"} <= set(exts)
         assert fp.folder_names_and_paths["insightface"][0] == [os.path.join(fp.models_dir, "insightface")]
+        # identities live in identities/ of EVERY dreamidentity folder, the user's included
+        ident_paths = fp.folder_names_and_paths["dreamid_identities"][0]
+        assert os.path.join("/mnt/models/dreamid", "identities") in ident_paths
+        assert os.path.join(fp.models_dir, "dreamidentity", "identities") in ident_paths
     finally:
         for k, v in saved.items():
             if v is None:

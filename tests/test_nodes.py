@@ -28,7 +28,7 @@ def pack(comfyui):
                           "DreamID_SaveIDEmbedding", "DreamID_ScenePosition"}
     root = nodes["DreamID_EncodeFace"].__module__.split(".nodes.")[0]
     core = sys.modules[f"{root}.dreamid_core"]
-    return {"nodes": nodes, "core": core, "identity": sys.modules[f"{root}.dreamid_core.identity"]}
+    return {"nodes": nodes, "core": core, "identity": sys.modules[f"{root}.dreamid_core.identities.embeds"]}
 
 
 @pytest.fixture(scope="session")
@@ -220,7 +220,8 @@ def test_scene_position_applies_the_controlnet(comfyui, pack, tmp_path):
 
     control_net = comfy.controlnet.load_controlnet(str(write_tiny_controlnet(tmp_path / "cn.safetensors")))
     cond = [[torch.zeros(1, 77, 1024), {"pooled_output": None}]]
-    layout = {"image_size": [400, 300], "landmarks": (pack["core"].align.ARCFACE_TEMPLATE_112 / [112, 112] *
+    template = sys.modules[pack["core"].__name__ + ".faces.align"].ARCFACE_TEMPLATE_112
+    layout = {"image_size": [400, 300], "landmarks": (template / [112, 112] *
                                                       [0.5, 0.5] + [0.25, 0.25]).tolist()}
     node = pack["nodes"]["DreamID_ScenePosition"]()
     pos, neg, image, mask, mask_2, mask_3 = node.apply(cond, cond, control_net, 256, 192, 0.3, 0.4, 0.25, 0.8, 0.0,

@@ -1,5 +1,5 @@
 """One photo -> S* path: the command line and the ComfyUI node give the same S*, bit for bit, for the
-same photo and encoder (both go through dreamid_core.identity.encode_identity)."""
+same photo and encoder (both go through dreamid_core.encoder.identity.encode_identity)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.comfyui,
 def test_cli_and_node_give_the_same_s_star(comfyui, tmp_path, face_index, combine):
     from comfy_env import load_pack
 
-    from dreamid_core.cli import sample_photo
+    from dreamid_core.cli.main import sample_photo
 
     torch.manual_seed(face_index)
     bb = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dreamid_core import FacePipeline, make_detector
-from dreamid_core.images import load_image
+from dreamid_core.faces.images import load_image
 
 _spec = importlib.util.find_spec("insightface")
 IMAGES = Path(_spec.origin).parent / "data" / "images" if _spec and _spec.origin else None
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(IMAGES is None or importlib.util.find_spec("face
 
 @pytest.fixture(scope="module")
 def detector():
-    from dreamid_core.mtcnn import MTCNNDetector
+    from dreamid_core.faces.mtcnn import MTCNNDetector
 
     return MTCNNDetector()
 

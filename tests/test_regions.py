@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamid_core.regions import (
+from dreamid_core.identities.regions import (
     RegionError,
     attention_probs,
     biased_attention,
@@ -82,7 +82,7 @@ def setup(comfyui):
     write_tiny_sd2_checkpoint(comfyui.models_dir("checkpoints") / "regions_sd2.safetensors")
     model, _, _ = comfyui.nodes.CheckpointLoaderSimple().load_checkpoint("regions_sd2.safetensors")
     clip = server_sd2_clip(dtype=torch.float32)
-    identity = sys.modules[f"{root}.dreamid_core.identity"]
+    identity = sys.modules[f"{root}.dreamid_core.identities.embeds"]
     g = torch.Generator().manual_seed(3)
 
     def person(scale=0.5):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamid_core.runtime import clash_message, select_providers
+from dreamid_core.faces.runtime import clash_message, select_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _fake_distribution(root: Path, name: str, version: str) -> None:
 CHILD = """
 import json, sys
 import dreamid_core
-from dreamid_core.runtime import check_onnxruntime, onnxruntime_distributions
+from dreamid_core.faces.runtime import check_onnxruntime, onnxruntime_distributions
 found = onnxruntime_distributions()
 warning = check_onnxruntime()
 print(json.dumps({"found": found, "warning": warning,
@@ -70,7 +70,7 @@ def test_provider_choice_with_cpu_fallback():
 
 def test_gpu_providers_get_the_device_id_of_the_process_device():
     """Without device_id onnxruntime puts every session on GPU 0, whatever GPU the shard was given."""
-    from dreamid_core.runtime import device_index, provider_options
+    from dreamid_core.faces.runtime import device_index, provider_options
 
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert provider_options(cuda, "cuda:3") == [{"device_id": 3}, {}]

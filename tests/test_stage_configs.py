@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 from dreamid_core import ConfigError, DreamIDError  # noqa: E402
-from dreamid_core.learned_identity import IdentityConfig  # noqa: E402
+from dreamid_core.identities.learned_identity import IdentityConfig  # noqa: E402
 from dreamid_core.learning import RunOptions, check_settings  # noqa: E402
 from training.build_dataset.steps import BuildConfig  # noqa: E402
 from training.evaluate.protocol import EvalConfig  # noqa: E402

@@ -1,4 +1,4 @@
-"""dreamid_core.tokens without ComfyUI: word groups from weighted text, and ComfyUI's chunk layout.
+"""dreamid_core.identities.tokens without ComfyUI: word groups from weighted text, and ComfyUI's chunk layout.
 
 The equality with ComfyUI's own ``embedding:NAME`` path is tested against a real ComfyUI in
 test_inject_contract.py; these tests pin the layout rules themselves on a toy word tokenizer."""

@@ -1,4 +1,4 @@
-"""dreamid_core.trigger: the trigger word found in the prompt text as people write it."""
+"""dreamid_core.identities.trigger: the trigger word found in the prompt text as people write it."""
 
 from __future__ import annotations
 

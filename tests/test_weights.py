@@ -18,8 +18,8 @@ from dreamid_core import (
     read_encoder_config,
     save_encoder,
 )
-from dreamid_core.config import FORMAT_VERSION, check_format_version
-from dreamid_core.weights import META_CONFIG, META_FORMAT
+from dreamid_core.encoder.config import FORMAT_VERSION, check_format_version
+from dreamid_core.encoder.weights import META_CONFIG, META_FORMAT
 
 BB = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
 
@@ -101,7 +101,7 @@ def test_old_protocol_pickle_renamed_safetensors_is_named_a_pickle(encoder, tmp_
 
 
 def test_backbone_checkpoints_are_told_apart_by_their_headers(encoder, tmp_path):
-    from dreamid_core.weights import is_backbone_checkpoint
+    from dreamid_core.encoder.weights import is_backbone_checkpoint
 
     sd = encoder.backbone.state_dict()
     files = {"model.pt": lambda p: torch.save(sd, p),

@@ -16,7 +16,7 @@ from comfy_env import find_comfyui
 from comfy_frontend import DETAILS_PANEL, dismiss_notices, error_details, frontend_version, load_in_app
 from PIL import Image
 
-from dreamid_core.download import COMFYUI_FOLDERS, parse_entry
+from dreamid_core.cli.download import COMFYUI_FOLDERS, parse_entry
 
 PACK = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))

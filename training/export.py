@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import load_encoder, read_encoder_config, save_encoder
-from dreamid_core.cli_runner import describe, run_main
+from dreamid_core.cli.runner import describe, run_main
 from dreamid_core.errors import ConfigError
 
 from .common.safetensors_files import canonicalize

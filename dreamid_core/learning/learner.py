@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..identity import fit_parts
-from ..learned_identity import IdentityConfig, LearnedIdentity, ResumeState
+from ..identities.embeds import fit_parts
+from ..identities.learned_identity import IdentityConfig, LearnedIdentity, ResumeState
 from .attention_loss import face_attention_loss, face_mass, resize_mask
 from .host import Conditioning, LearnHost, encode_recomputed
 from .init import start_tensors

@@ -6,13 +6,13 @@ API
 - ``face_squares(photos, faces, resolution) -> (pixels [N, R, R, 3] float32 0..1, crops)``: each
   photo's face square resized to ``resolution`` (bilinear, antialiased when shrinking). ``photos`` are
   ``[H, W, 3]`` arrays or tensors (uint8 0..255 or float 0..1); ``faces`` are
-  :class:`dreamid_core.faces.FaceResult` (``image_index`` picks the photo). Both hosts feed these pixels
+  :class:`dreamid_core.faces.pipeline.FaceResult` (``image_index`` picks the photo). Both hosts feed these pixels
   to their VAE, so the node and the command line learn from the same pixels.
 - ``PhotoSet.from_faces(latents, faces, crops, resolution)``: the latents ``[N, C, h, w]`` (the host's
   VAE, model latent space) with each face's box and five landmarks mapped onto the latent grid.
 - ``PhotoSet.draw(generator, batch, ...) -> (latents [B, C, h, w], masks [B, h, w] or None)``: photos
   drawn with replacement, each through the core augmentation
-  (:func:`dreamid_core.face_mask.random_crop`: a window of 90..100 %, the face kept inside, flipped
+  (:func:`dreamid_core.faces.face_mask.random_crop`: a window of 90..100 %, the face kept inside, flipped
   half the time) with its soft face mask drawn through the same window.
 - ``PhotoSet.fixed(indices) -> (latents, masks)``: the photos as they are (the measurement).
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..face_mask import Crop, face_mask, random_crop, scale_crop
+from ..faces.face_mask import Crop, face_mask, random_crop, scale_crop
 
 
 def face_square(w: int, h: int, box: Sequence[float]) -> tuple[int, int, int]:

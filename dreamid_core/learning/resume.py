@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..learned_identity import IdentityConfig, LearnedIdentity
+from ..identities.learned_identity import IdentityConfig, LearnedIdentity
 from .settings import LearnSettingsError
 
 METHOD_FIELDS = ("layout", "num_tokens", "target", "norm")

@@ -2,7 +2,7 @@
 
 API
 - ``RunOptions``: how a run goes (batch, templates, augmentation, attention-loss layers, measurement,
-  memory). What is learned lives in :class:`dreamid_core.learned_identity.IdentityConfig`.
+  memory). What is learned lives in :class:`dreamid_core.identities.learned_identity.IdentityConfig`.
 - ``check_settings(config, options, resolution_multiple=8)``: raises :class:`LearnSettingsError`
   naming the value and the fix; the node and the command line call it before any model work.
 - ``LearnSettingsError``, ``LearningDivergedError`` (the loss became NaN or infinite).

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..learned_identity import STAGE_KINDS
+from ..identities.learned_identity import STAGE_KINDS
 
 __all__ = ["PARTS", "STAGE_KINDS", "UNET_LAYOUTS", "UNetLayout", "layout_from_unet_config", "level_of_block",
            "stage_for_block", "stage_for_level", "stage_for_timestep"]

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import FacePipeline, ImageInputError, detector_names, make_detector
-from dreamid_core.cli_runner import HelpFormatter, describe, run_main
-from dreamid_core.images import load_image
+from dreamid_core.cli.runner import HelpFormatter, describe, run_main
+from dreamid_core.faces.images import load_image
 
 from ..common.records import StepStore
 from .edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names

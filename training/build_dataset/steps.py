@@ -31,8 +31,8 @@ import torch
 
 from dreamid_core import FaceNotFoundError, ImageInputError
 from dreamid_core.errors import ConfigError
+from dreamid_core.faces.images import crop_to_uint8, load_image, to_tensor
 from dreamid_core.fileio import atomic_write
-from dreamid_core.images import crop_to_uint8, load_image, to_tensor
 
 from ..common.generation import generate_many, item_seed
 from ..common.records import StepStore, check_shard, shard_of, write_jsonl_atomic

@@ -22,7 +22,7 @@ from typing import IO, Any
 from dreamid_core import WeightFormatError
 from dreamid_core.fileio import atomic_write
 
-#: metadata keys that say how a file was made, not what it holds (dreamid_core.weights.META_PROVENANCE)
+#: metadata keys that say how a file was made, not what it holds (dreamid_core.encoder.weights.META_PROVENANCE)
 PROVENANCE_KEYS = ("dreamid_provenance",)
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 _BLOCK = 1 << 20

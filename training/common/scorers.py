@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamid_core import MissingDependencyError, ModelFilesError, WeightFormatError, load_arcface_backbone
-from dreamid_core.runtime import check_onnxruntime, provider_options, select_providers
+from dreamid_core.faces.runtime import check_onnxruntime, provider_options, select_providers
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
-from dreamid_core.cli_runner import HelpFormatter, describe, run_main
+from dreamid_core.cli.runner import HelpFormatter, describe, run_main
 from dreamid_core.fileio import atomic_write
 
 from . import protocol

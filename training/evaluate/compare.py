@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import FacePipeline, load_encoder, make_detector
-from dreamid_core.cli_runner import HelpFormatter, describe, run_main
+from dreamid_core.cli.runner import HelpFormatter, describe, run_main
 
 from . import protocol as ev
 from .cli import add_protocol_args, add_runtime_args
@@ -149,6 +149,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 done, 2 a mistake the user can fix (message on one line), 1 a bug (dreamid_core.cli_runner)."""
+    """Exit 0 done, 2 a mistake the user can fix (message on one line), 1 a bug (dreamid_core.cli.runner)."""
     return run_main(run, build_parser().parse_args(argv))
 

@@ -3,7 +3,7 @@ pseudo-words of each text encoder (``parts(crop) -> {"clip_h": [k, D], ...}``), 
 ``fixed`` (True when every face gets the same S*, as with one textual-inversion embedding).
 
 - :class:`EncoderIdentity`: a DreamIdentity encoder (one forward per face);
-- :class:`EmbeddingIdentity`: one textual-inversion file, read by :func:`dreamid_core.embedding_io.read_embedding`
+- :class:`EmbeddingIdentity`: one textual-inversion file, read by :func:`dreamid_core.identities.embedding_io.read_embedding`
   (the reader beside the writer, shared with the nodes' LoadIdentity): this pack's ``.safetensors``
   (``emb_params``; ``clip_l`` + ``clip_g`` for SDXL), diffusers ``learned_embeds`` (``{"<token>": [D] or
   [k, D]}``, ``.safetensors`` or ``.bin``) and A1111 ``.pt`` (``string_to_param``). Pickled files are read
@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from dreamid_core import IncompatibleEncoderError, WeightFormatError
-from dreamid_core.embedding_io import read_embedding
-from dreamid_core.identity import fit_parts, parts_from_crops
-from dreamid_core.learned_identity import load_learned_identity
+from dreamid_core.encoder.identity import parts_from_crops
+from dreamid_core.identities.embedding_io import read_embedding
+from dreamid_core.identities.embeds import fit_parts
+from dreamid_core.identities.learned_identity import load_learned_identity
 
 from ..common.prompt_encoding import PART_FOR_ENCODER
 

@@ -46,8 +46,8 @@ from dreamid_core import (
     ImageInputError,
 )
 from dreamid_core.errors import ConfigError
+from dreamid_core.faces.images import crop_to_uint8, load_image
 from dreamid_core.fileio import atomic_write
-from dreamid_core.images import crop_to_uint8, load_image
 
 from ..common.generation import item_seed
 from ..common.records import StepStore, check_shard

@@ -8,7 +8,7 @@
     # per-stage key/value pairs (Beyond Inserting), 5 denoising-time stages
     python -m training.learn_identity ... --layout per_stage --num-stages 5
 
-The file is written by :func:`dreamid_core.learned_identity.save_learned_identity`: a ``words``
+The file is written by :func:`dreamid_core.identities.learned_identity.save_learned_identity`: a ``words``
 identity is a standard textual-inversion ``.safetensors`` (``embedding:NAME`` in ComfyUI), a
 ``per_stage`` one holds ``[S, 2, k, D]`` per text encoder; both carry their config as metadata.
 """
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from dreamid_core import ConfigError, FacePipeline, detector_names, make_detector
-from dreamid_core.cli_runner import HelpFormatter, describe, run_main
-from dreamid_core.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, save_learned_identity
+from dreamid_core.cli.runner import HelpFormatter, describe, run_main
+from dreamid_core.identities.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, save_learned_identity
 from dreamid_core.learning import IdentityLearner, LearnResult, RunOptions, check_settings
 
 from .data import detect_faces, encode_photos, photo_paths
@@ -195,5 +195,5 @@ def _progress(every: int, total: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 done, 2 a mistake the user can fix (message on one line), 1 a bug (dreamid_core.cli_runner)."""
+    """Exit 0 done, 2 a mistake the user can fix (message on one line), 1 a bug (dreamid_core.cli.runner)."""
     return run_main(run, build_parser().parse_args(argv))

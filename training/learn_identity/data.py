@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dreamid_core import FaceNotFoundError, FacePipeline, ImageInputError
-from dreamid_core.images import load_image
+from dreamid_core.faces.images import load_image
 from dreamid_core.learning import PhotoSet, face_squares
 
 from ..common.latents import encode_latents

@@ -2,7 +2,7 @@
 
 All three give ``{key: [k, D]}`` (words) or ``{key: [S, 2, k, D]}`` (per-stage file), float32 CPU,
 fitted to the base model's text encoders by the pack's one rule
-(:func:`dreamid_core.identity.fit_parts`); :func:`dreamid_core.learning.start_tensors` turns them
+(:func:`dreamid_core.identities.embeds.fit_parts`); :func:`dreamid_core.learning.start_tensors` turns them
 into the run's layout.
 """
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from dreamid_core import load_encoder
-from dreamid_core.identity import encode_identity, fit_parts
-from dreamid_core.learned_identity import load_learned_identity
+from dreamid_core.encoder.identity import encode_identity
+from dreamid_core.identities.embeds import fit_parts
+from dreamid_core.identities.learned_identity import load_learned_identity
 from dreamid_core.learning import from_word_rows
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dreamid_core.cli_runner import HelpFormatter, describe, run_main
+from dreamid_core.cli.runner import HelpFormatter, describe, run_main
 from dreamid_core.errors import ConfigError
 
 from . import run as run_module

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreamid_core.config import unknown_fields
+from dreamid_core.encoder.config import unknown_fields
 from dreamid_core.errors import ConfigError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dreamid_core.faces.images import crop_to_uint8, load_image, to_tensor
 from dreamid_core.fileio import atomic_write
-from dreamid_core.images import crop_to_uint8, load_image, to_tensor
 
 from .sampler import SampleRef
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from dreamid_core import FacePipeline, make_detector
-from dreamid_core.detection import FaceDetector
 from dreamid_core.errors import DreamIDError
-from dreamid_core.images import load_image
+from dreamid_core.faces.detection import FaceDetector
+from dreamid_core.faces.images import load_image
 
 from ..common.records import StepStore, shard_of
 from .data import IMAGE_EXTENSIONS, DataReport, FaceItem, file_id, save_crop

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import WeightFormatError
+from ..errors import WeightFormatError
 
 #: Version of the weights-file layout this code writes. Files of a higher version are refused.
 FORMAT_VERSION = 1

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .errors import DreamIDError
+from ..errors import DreamIDError
 
 FLOOR = 1e-6
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from .cli_runner import run_main
-from .errors import DreamIDError
+from ..errors import DreamIDError
+from .runner import run_main
 
-logger = logging.getLogger("dreamid_core.download")
+logger = logging.getLogger("dreamid_core.cli.download")
 
 PACK_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 DEFAULT_ENDPOINT = "https://huggingface.co"

@@ -1,4 +1,4 @@
-"""ComfyUI's tokenizers fed to ``dreamid_core.tokens``: a prompt with identities in it, tokenized like
+"""ComfyUI's tokenizers fed to ``dreamid_core.identities.tokens``: a prompt with identities in it, tokenized like
 ``embedding:NAME`` (the core does the splicing; this file only reads ComfyUI's tokenizer and parser).
 
 :func:`tokenize_with_identities` is the one entry point (InjectIDTokens, identity learning and
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from comfy import sd1_clip
 
-from ..dreamid_core.errors import IncompatibleEncoderError
-from ..dreamid_core.families import SUPPORTED, check_word_identities, family_of
-from ..dreamid_core.identity import fit_parts
-from ..dreamid_core.tokens import ChunkLayout, tokenize_prompt
+from ...dreamid_core.errors import IncompatibleEncoderError
+from ...dreamid_core.identities.embeds import fit_parts
+from ...dreamid_core.identities.families import SUPPORTED, check_word_identities, family_of
+from ...dreamid_core.identities.tokens import ChunkLayout, tokenize_prompt
 
 
 @dataclass

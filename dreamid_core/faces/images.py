@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ImageInputError
+from ..errors import ImageInputError
 
 #: Smallest side a photo may have; a face needs some pixels to be found at all.
 MIN_SIDE = 16

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 import comfy.ldm.modules.attention as comfy_attention
 import torch
 
-from ..dreamid_core.learning.attention_loss import attention_output, attention_probs
-from ..dreamid_core.learning.stages import UNetLayout, layout_from_unet_config, stage_for_block, stage_for_timestep
+from ...dreamid_core.learning.attention_loss import attention_output, attention_probs
+from ...dreamid_core.learning.stages import UNetLayout, layout_from_unet_config, stage_for_block, stage_for_timestep
 
 
 def attention_blocks(model_patcher) -> list[tuple[str, int]]:

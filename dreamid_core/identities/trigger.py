@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import TriggerNotFoundError
+from ..errors import TriggerNotFoundError
 
 EMBEDDING_PREFIX = "embedding:"
 _FORBIDDEN = "()\\:"  # ComfyUI's prompt-weight syntax ``(word:1.2)`` and escapes would cut the trigger apart

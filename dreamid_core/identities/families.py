@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import IncompatibleEncoderError
+from ..errors import IncompatibleEncoderError
 
 FAMILY_PARTS: dict[str, tuple[str, ...]] = {
     "sd1": ("clip_l",),

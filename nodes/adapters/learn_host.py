@@ -33,9 +33,9 @@ import comfy.ops
 import torch
 import torch.utils.checkpoint
 
-from ..dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, face_squares
-from ..dreamid_core.learning.frozen import FrozenWeights, copy_saved_activations, input_grad_only
-from ..dreamid_core.learning.prompts import PLACEHOLDER
+from ...dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, face_squares
+from ...dreamid_core.learning.frozen import FrozenWeights, copy_saved_activations, input_grad_only
+from ...dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
 

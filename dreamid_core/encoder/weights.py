@@ -27,11 +27,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..errors import WeightFormatError
+from ..fileio import atomic_save_safetensors
 from .backbone import FaceViT
 from .config import FORMAT_VERSION, BackboneConfig, EncoderConfig, check_format_version
-from .encoder import IDEncoder
-from .errors import WeightFormatError
-from .fileio import atomic_save_safetensors
+from .model import IDEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from .errors import DreamIDError
+from ..errors import DreamIDError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingDependencyError, ModelFilesError
 from .detection import Detection
-from .errors import MissingDependencyError, ModelFilesError
 from .runtime import check_onnxruntime, device_index, provider_options, select_providers
 
 logger = logging.getLogger(__name__)

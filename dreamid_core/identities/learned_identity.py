@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 
-from .config import check_format_version, unknown_fields
+from ..encoder.config import check_format_version, unknown_fields
+from ..errors import ConfigError, WeightFormatError
+from ..fileio import atomic_save_safetensors
 from .embedding_io import embedding_parts, embedding_tensors, read_embedding_file
-from .errors import ConfigError, WeightFormatError
+from .embeds import IdentityEmbeds
 from .families import FAMILY_PARTS, family_of
-from .fileio import atomic_save_safetensors
-from .identity import IdentityEmbeds
 
 logger = logging.getLogger(__name__)
 

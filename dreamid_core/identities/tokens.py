@@ -4,7 +4,7 @@ Pure functions (no comfy import), shared by the ComfyUI node and by training:
 
 1. The host parses prompt weights into ``segments`` ``[(text, weight)]`` (ComfyUI's own parser in the
    node; ``[(prompt, 1.0)]`` in training).
-2. :func:`prompt_groups` finds every trigger in each segment's TEXT (:mod:`dreamid_core.trigger`) and
+2. :func:`prompt_groups` finds every trigger in each segment's TEXT (:mod:`dreamid_core.identities.trigger`) and
    cuts the segment there: the text pieces are tokenized by the host's ``tokenize_piece`` (a piece may
    give several groups, e.g. when it holds another ``embedding:``), and each trigger occurrence becomes
    one group of its identity's k items (vectors, or placeholder ids in training), with the segment's
@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TriggerNotFoundError
+from ..errors import TriggerNotFoundError
 from .trigger import TriggerMatch, check_trigger, split_on_triggers
 
 logger = logging.getLogger(__name__)

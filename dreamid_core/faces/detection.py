@@ -2,7 +2,7 @@
 
 A detector takes one RGB ``uint8`` image ``[H, W, 3]`` and returns every face it finds as a
 :class:`Detection`. Landmarks are the five ArcFace points in image pixels, in the order of
-:data:`dreamid_core.align.ARCFACE_TEMPLATE_112`: the eye on the image's left, the eye on the
+:data:`dreamid_core.faces.align.ARCFACE_TEMPLATE_112`: the eye on the image's left, the eye on the
 image's right, the nose tip, the mouth corner on the image's left, the one on the right.
 """
 

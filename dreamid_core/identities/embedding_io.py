@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import WeightFormatError
+from ..errors import WeightFormatError
+from ..fileio import atomic_save_safetensors
 from .families import PART_WIDTHS, WORD_PARTS
-from .fileio import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..dreamid_core.errors import DreamIDError
+from ...dreamid_core.errors import DreamIDError
 
 
 class NodeInputError(DreamIDError, ValueError):

@@ -6,7 +6,7 @@ Without ComfyUI: detects and aligns faces with the built-in detector (no downloa
 read. Prints a JSON summary on stdout; progress and warnings go to the log (stderr).
 
 ``python -m dreamid_core download [WORKFLOW ...] --comfyui PATH`` fetches the public model files the
-workflows list into ComfyUI's folders (see :mod:`dreamid_core.download`); a photo that is literally
+workflows list into ComfyUI's folders (see :mod:`dreamid_core.cli.download`); a photo that is literally
 named ``download`` is passed as ``./download``.
 """
 
@@ -19,15 +19,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_runner import HelpFormatter, describe, run_main
-from .detectors import BUILTIN, detector_names, make_detector
-from .embedding_io import sanitize_name, write_embedding
-from .encoder import COMBINE_MODES
-from .errors import DreamIDError
-from .faces import ON_MISSING, ORDERS, FacePipeline
-from .identity import encode_identity
-from .images import crop_to_uint8, load_image
-from .weights import load_encoder, read_encoder_config
+from ..encoder.identity import encode_identity
+from ..encoder.model import COMBINE_MODES
+from ..encoder.weights import load_encoder, read_encoder_config
+from ..errors import DreamIDError
+from ..faces.detectors import BUILTIN, detector_names, make_detector
+from ..faces.images import crop_to_uint8, load_image
+from ..faces.pipeline import ON_MISSING, ORDERS, FacePipeline
+from ..identities.embedding_io import sanitize_name, write_embedding
+from .runner import HelpFormatter, describe, run_main
 
 logger = logging.getLogger("dreamid_core")
 

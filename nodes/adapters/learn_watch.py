@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..dreamid_core.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
-from .identity_nodes import apply_per_stage
+from ...dreamid_core.identities.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
+from .per_stage import apply_per_stage
 from .validation import NodeInputError
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ImageInputError, ModelFilesError, WeightFormatError
 from .detection import Detection, nms
-from .errors import ImageInputError, ModelFilesError, WeightFormatError
 from .images import resize_rgb
 from .mtcnn_sampling import CropSampler, shelf_pack
 

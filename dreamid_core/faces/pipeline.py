@@ -1,6 +1,6 @@
 """The face pipeline: photo -> detected faces (with retries) -> chosen face -> aligned 112x112 crop.
 
-Any :class:`~dreamid_core.detection.FaceDetector` plugs in (the built-in MTCNN, insightface).
+Any :class:`~dreamid_core.faces.detection.FaceDetector` plugs in (the built-in MTCNN, insightface).
 When a photo yields no face, the pipeline retries at another detection size and with padding
 (tight crops hide the face's outline from detectors) before raising :class:`FaceNotFoundError`,
 whose message says which image, what was tried and what to do.
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import FaceNotFoundError, FaceSelectionError
 from .align import align_face, apply_transform
 from .detection import Detection, FaceDetector
-from .errors import FaceNotFoundError, FaceSelectionError
 from .images import resize_rgb, to_rgb_list, uint8_chw
 
 logger = logging.getLogger(__name__)
