@@ -23,8 +23,14 @@ from .errors import (
 from .faces.detection import Detection, FaceDetector
 from .faces.detectors import detector_names, make_detector
 from .faces.pipeline import FacePipeline, FaceResult, PipelineReport
-from .identities.embedding_io import sanitize_name, write_embedding
-from .identities.learned_identity import IdentityConfig, LearnedIdentity, load_learned_identity, save_learned_identity
+from .identities.embedding_io import sanitize_name
+from .identities.learned_identity import (
+    IdentityConfig,
+    LearnedIdentity,
+    load_learned_identity,
+    save_learned_identity,
+    write_embedding,
+)
 from .identities.tokens import ChunkLayout, PromptTokens, chunk_groups, prompt_groups, tokenize_prompt
 from .identities.trigger import TriggerMatch, check_trigger, find_triggers, split_on_triggers
 

@@ -108,20 +108,12 @@ class DreamIDSaveLearnedIdentity:
         clean = sanitize_name(name)
         if identity.layout == "words":
             folder, shown = Path(folder_paths.get_folder_paths("embeddings")[0]), "embeddings"
-            path = _save(folder, clean, identity, overwrite, shown)
+            path = save_learned_identity(folder / clean, identity, overwrite=overwrite,
+                                         label=f"models/{shown}/{clean}.safetensors")
             label = f"embedding:{clean}"
         else:
             folder, shown = Path(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0]), "dreamidentity/identities"
-            path = _save(folder, clean, identity, overwrite, shown)
+            path = save_learned_identity(folder / clean, identity, overwrite=overwrite,
+                                         label=f"models/{shown}/{clean}.safetensors")
             label = f"identities/{path.name}"
         return {"ui": {"text": [f"saved models/{shown}/{path.name}: {label}"]}, "result": (label,)}
-
-
-def _save(folder: Path, name: str, identity: LearnedIdentity, overwrite: bool, shown: str) -> Path:
-    """``save_learned_identity`` whose refusal names the file relative to the models folder, not the server path."""
-    try:
-        return save_learned_identity(folder / name, identity, overwrite=overwrite)
-    except FileExistsError as exc:
-        raise FileExistsError(f"models/{shown}/{name}.safetensors already exists. Choose another name, or set "
-                              "overwrite to true to replace it.") from exc
-

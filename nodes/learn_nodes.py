@@ -26,7 +26,7 @@ from ..dreamid_core.encoder.identity import parts_from_crops
 from ..dreamid_core.faces.detectors import make_detector
 from ..dreamid_core.faces.pipeline import ON_MISSING, FacePipeline
 from ..dreamid_core.identities.embeds import fit_parts
-from ..dreamid_core.identities.families import family_of
+from ..dreamid_core.identities.families import UNET_FAMILIES, family_of
 from ..dreamid_core.identities.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
 from ..dreamid_core.identities.trigger import find_triggers
 from ..dreamid_core.learning import (
@@ -48,7 +48,7 @@ from .adapters.validation import NodeInputError, require_finite
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
 NODE = "DreamID_LearnIdentity"
-LEARNABLE = ("sd1", "sd2", "sdxl")
+LEARNABLE = UNET_FAMILIES
 PREVIEW_PROMPT = "a portrait photo of S*, looking at the camera"
 _PIPELINE: dict[str, FacePipeline] = {}
 

@@ -117,11 +117,8 @@ class DreamIDSaveIDEmbedding:
                              "set strength above 0 in DreamID_EncodeFace.")
         clean = sanitize_name(name)
         folder = Path(folder_paths.get_folder_paths("embeddings")[0])
-        try:
-            path = write_embedding(folder / clean, id_embeds.parts, overwrite=overwrite, metadata=id_embeds.info)
-        except FileExistsError as exc:
-            raise FileExistsError(f"models/embeddings/{clean}.safetensors already exists. Choose another name, or "
-                                  "set overwrite to true to replace it.") from exc
+        path = write_embedding(folder / clean, id_embeds.parts, overwrite=overwrite, metadata=id_embeds.info,
+                               label=f"models/embeddings/{clean}.safetensors")
         token = f"embedding:{clean}"
         if clean != name:
             logger.info("embedding name %r saved as %r", name, clean)

@@ -60,7 +60,7 @@ def _write_formats(tmp_path, vec):
     import torch
     from safetensors.torch import save_file
 
-    from dreamid_core.identities.embedding_io import write_embedding
+    from dreamid_core.identities.learned_identity import write_embedding
 
     files = {"pack": write_embedding(tmp_path / "pack.safetensors", {"clip_h": vec})}
     save_file({"<tom>": vec.clone()}, str(tmp_path / "learned_embeds.safetensors"))
@@ -90,7 +90,8 @@ def test_every_format_reads_back_what_was_written(tmp_path, k):
 def test_sdxl_files_keep_both_encoders(tmp_path):
     import torch
 
-    from dreamid_core.identities.embedding_io import read_embedding, write_embedding
+    from dreamid_core.identities.embedding_io import read_embedding
+    from dreamid_core.identities.learned_identity import write_embedding
 
     parts = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
     back = read_embedding(write_embedding(tmp_path / "xl", parts))

@@ -26,7 +26,7 @@ from dreamid_core import (
     make_detector,
     save_encoder,
 )
-from dreamid_core.identities.embedding_io import write_embedding
+from dreamid_core.identities.learned_identity import write_embedding
 from training.common.scorers import ClipScorer, IdentityScorer
 from training.evaluate import cli as ev
 
@@ -111,7 +111,8 @@ def test_textual_inversion_baseline_on_the_same_protocol(tmp_path, models, faces
     assert [r["prompt"] for r in _read_csv(out / "summary.csv")][-1] == "overall"
     assert (out / "grid.png").is_file()
     wrong = write_embedding(tmp_path / "wide.safetensors", {"clip_h": torch.randn(2, 64)})
-    with pytest.raises(IncompatibleEncoderError, match=r"clip_h is \(2, 64\).*\[k, 32\]"):
+    with pytest.raises(IncompatibleEncoderError,
+                       match=r"clip_h vectors have shape \(2, 64\).*clip_h word embeddings are 32 wide"):
         ev.EmbeddingIdentity(wrong, "sd2", {"clip_h": TINY_TEXT_WIDTH})
     sdxl = write_embedding(tmp_path / "xl.safetensors", {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)})
     assert set(ev.EmbeddingIdentity(sdxl, "sdxl", {"clip_l": 32, "clip_g": 48}).parts(None)) == {"clip_l", "clip_g"}
@@ -177,7 +178,8 @@ def test_prompts_must_contain_the_trigger(tmp_path):
 
 def test_encoder_for_another_base_model_is_refused(models):
     encoder = ev.load_encoder(models["encoder"])
-    with pytest.raises(IncompatibleEncoderError, match=r"makes S\* for \{'clip_h': 32\}.*\{'clip_h': 1024\}"):
+    with pytest.raises(IncompatibleEncoderError,
+                       match=r"encoder \(target 'sd2'\).*shape \(1, 32\).*clip_h word embeddings are 1024 wide"):
         ev.EncoderIdentity(encoder, {"clip_h": 1024})
     parts = ev.EncoderIdentity(encoder, {"clip_h": 32}).parts(torch.rand(3, 112, 112))
     assert parts["clip_h"].shape == (2, 32) and np.isfinite(parts["clip_h"].numpy()).all()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from boxes import iou
 
 from dreamid_core import FaceNotFoundError, FacePipeline, FaceSelectionError, make_detector
 from dreamid_core.faces.align import ARCFACE_TEMPLATE_112
@@ -136,12 +137,6 @@ def test_8k_photo_is_found_at_the_same_place(pipeline, group):
     np.testing.assert_allclose(np.asarray(result.detection.box) / (6243 / 1280), small.detection.box, atol=6)
 
 
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
-
-
 def test_every_face_of_a_huge_photo_maps_back_onto_the_original(pipeline, group):
     """A 8000x6000 copy of t1.jpg (shrunk for detection by an antialiased uint8 resize) gives the faces of
     the 1280 px photo: one each, box IoU > 0.85, landmarks within 8% of the face (as test_mtcnn asks of a
@@ -156,9 +151,9 @@ def test_every_face_of_a_huge_photo_maps_back_onto_the_original(pipeline, group)
     assert len(found) == len(small) == 6
     back = [(np.asarray(d.box) / [sx, sy, sx, sy], d.landmarks / [sx, sy]) for d in found]
     for i, ref in enumerate(small):
-        j = max(range(len(back)), key=lambda k: _iou(back[k][0], ref.box))
+        j = max(range(len(back)), key=lambda k: iou(back[k][0], ref.box))
         side = ref.box[2] - ref.box[0]
-        assert _iou(back[j][0], ref.box) > 0.85, (i, back[j][0], ref.box)
+        assert iou(back[j][0], ref.box) > 0.85, (i, back[j][0], ref.box)
         assert np.abs(back[j][1] - ref.landmarks).max() < 0.08 * side, (i, back[j][1], ref.landmarks)
 
 

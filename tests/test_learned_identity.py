@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dreamid_core.errors import WeightFormatError
-from dreamid_core.identities.embedding_io import write_embedding
 from dreamid_core.identities.learned_identity import (
     IDENTITY_FORMAT_VERSION,
     META_KEY,
@@ -18,6 +17,7 @@ from dreamid_core.identities.learned_identity import (
     LearnedIdentity,
     load_learned_identity,
     save_learned_identity,
+    write_embedding,
 )
 
 
@@ -79,7 +79,7 @@ def test_files_from_save_id_embedding_load_with_their_target(tmp_path):
     path = write_embedding(tmp_path / "enc", parts, metadata={"target": "sdxl"})
     back = load_learned_identity(path)
     assert back.layout == "words" and back.num_tokens == 3 and back.config.target == "sdxl"
-    assert back.config.init == "file:enc.safetensors"
+    assert back.config.init == "encoder"  # where its vectors came from (written by the one identity writer)
     assert all(torch.equal(back.tensors[k], parts[k]) for k in parts)
 
 
@@ -147,3 +147,31 @@ def test_shapes_are_checked():
         LearnedIdentity(IdentityConfig(num_tokens=3), {"clip_h": torch.zeros(2, 8)})
     with pytest.raises(ValueError, match="init"):
         IdentityConfig(init="person")
+
+
+def test_one_writer_one_schema_and_old_files_still_read(tmp_path):
+    """Every file the pack writes carries the identity config under one key, byte-reproducibly; files of the
+    older embedding writer (config under "dreamid") are still read."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dreamid_core.identities.learned_identity import write_embedding
+
+    parts = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
+    info = {"target": "sdxl", "scale": 1.0, "source": "enc.safetensors", "num_images": 3}
+    a = write_embedding(tmp_path / "a", parts, metadata=info)
+    b = write_embedding(tmp_path / "b", parts, metadata=dict(reversed(list(info.items()))))
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    with safe_open(str(a), "pt") as fh:
+        meta = fh.metadata()
+    assert set(meta) == {"format", "dreamid_identity"}
+    config = json.loads(meta["dreamid_identity"])
+    assert (config["init"], config["target"], config["extra"]["num_images"]) == ("encoder", "sdxl", 3)
+    old = tmp_path / "old.safetensors"  # what the pack wrote before: tensors + {"dreamid": info}
+    save_file({k: v.contiguous() for k, v in parts.items()}, str(old),
+              metadata={"format": "pt", "dreamid": json.dumps({"target": "sdxl"})})
+    ident = load_learned_identity(old)
+    assert ident.config.target == "sdxl" and torch.equal(ident.tensors["clip_g"], parts["clip_g"])

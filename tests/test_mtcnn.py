@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from boxes import iou
 
 from dreamid_core.errors import ImageInputError, ModelFilesError, WeightFormatError
 from dreamid_core.faces.detection import Detection
@@ -53,13 +54,6 @@ def _load(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.array(im.convert("RGB"))
-
-
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +116,9 @@ def test_huge_image_is_detected_downscaled(detector: MTCNNDetector, images: Path
     faces = [d for d in detector.detect(big) if d.score > 0.9]  # its cost is measured in bench/encode.py
     assert len(faces) == 6
     for ref in [d for d in t1_faces if d.score > 0.9]:
-        best = max(faces, key=lambda d: _iou(tuple(v / scale for v in d.box), ref.box))
+        best = max(faces, key=lambda d: iou(tuple(v / scale for v in d.box), ref.box))
         back = tuple(v / scale for v in best.box)
-        assert _iou(back, ref.box) > 0.85, (back, ref.box)
+        assert iou(back, ref.box) > 0.85, (back, ref.box)
         size = ref.box[2] - ref.box[0]
         assert np.abs(np.asarray(back) - np.asarray(ref.box)).max() < 0.08 * size
         assert np.abs(best.landmarks / scale - ref.landmarks).max() < 0.08 * size
@@ -193,16 +187,16 @@ def _photos(images: Path) -> dict[str, np.ndarray]:
             "tight": _load(images / "Tom_Hanks_54745.png"), "masks": _load(images / "mask_white.jpg")}
 
 
-def _assert_same_faces(old: list[Detection], new: list[Detection], what: str, *, iou: float = 0.9,
+def _assert_same_faces(old: list[Detection], new: list[Detection], what: str, *, min_iou: float = 0.9,
                        landmarks: float = 0.05) -> None:
-    """One-to-one: every old face has a new one with box IoU > ``iou``, landmarks within ``landmarks`` of
+    """One-to-one: every old face has a new one with box IoU > ``min_iou``, landmarks within ``landmarks`` of
     the box side and the same confidence to 0.01; nothing extra; the largest face is the same one."""
     assert len(new) == len(old), (what, [d.box for d in old], [d.box for d in new])
-    pairs = [max(range(len(new)), key=lambda j, d=d: _iou(d.box, new[j].box)) for d in old]
+    pairs = [max(range(len(new)), key=lambda j, d=d: iou(d.box, new[j].box)) for d in old]
     assert sorted(pairs) == list(range(len(new))), (what, pairs)
     for d, j in zip(old, pairs, strict=True):
         side = d.box[2] - d.box[0]
-        assert _iou(d.box, new[j].box) > iou, (what, d.box, new[j].box)
+        assert iou(d.box, new[j].box) > min_iou, (what, d.box, new[j].box)
         assert np.abs(new[j].landmarks - d.landmarks).max() < landmarks * side, (what, d.landmarks, new[j].landmarks)
         assert abs(new[j].score - d.score) < 0.01, (what, d.score, new[j].score)
     if old:
@@ -234,7 +228,7 @@ def test_portraits_give_the_faces_the_old_cascade_found(detector: MTCNNDetector,
         new = detector.detect(small)
         _assert_same_faces(reference.detect(small), new, f"{name} at 640 px")
         assert len([d for d in new if d.score > 0.9]) == PORTRAITS[name], name
-        _assert_same_faces(reference.detect(photo), detector.detect(photo), name, iou=0.85, landmarks=0.08)
+        _assert_same_faces(reference.detect(photo), detector.detect(photo), name, min_iou=0.85, landmarks=0.08)
 
 
 def test_a_batch_finds_what_each_photo_finds_alone(detector: MTCNNDetector, images: Path) -> None:

@@ -315,8 +315,10 @@ def test_saved_embedding_names_only_the_encoder_file(comfyui, pack, emb_dir, enc
     pack["nodes"]["DreamID_SaveIDEmbedding"]().save(embeds, "where_from", False)
     with safe_open(str(emb_dir / "where_from.safetensors"), "pt") as fh:
         meta = fh.metadata()
-    info = json.loads(meta["dreamid"])
-    assert info["source"] == encoder_file.name == "tiny_sd1.safetensors"
+    assert "dreamid" not in meta  # one schema: the identity config, for every file the pack writes
+    config = json.loads(meta["dreamid_identity"])
+    assert config["init"] == "encoder" and config["target"] == "sd1" and config["layout"] == "words"
+    assert config["extra"]["source"] == encoder_file.name == "tiny_sd1.safetensors"
     assert str(encoder_file.parent) not in json.dumps(meta) and str(comfyui.base) not in json.dumps(meta)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from boxes import iou
 from PIL import Image
 
 from dreamid_core import FacePipeline, make_detector
@@ -35,12 +36,6 @@ def t1() -> np.ndarray:
 def _sized(image: np.ndarray, width: int) -> np.ndarray:
     h, w = image.shape[:2]
     return np.asarray(Image.fromarray(image).resize((width, round(width * h / w)), Image.Resampling.BILINEAR))
-
-
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
 
 
 class Spy:
@@ -84,7 +79,7 @@ def test_quick_search_picks_the_full_searchs_face(detector, t1):
         quick.detector.calls.clear()
         a, b = full.process_one(photo), quick.process_one(photo)
         side = a.detection.short_side
-        assert _iou(a.detection.box, b.detection.box) > 0.99, (name, a.detection.box, b.detection.box)
+        assert iou(a.detection.box, b.detection.box) > 0.99, (name, a.detection.box, b.detection.box)
         assert np.abs(a.detection.landmarks - b.detection.landmarks).max() < 0.01 * side, name
         assert a.attempt == b.attempt, name
         assert quick.detector.calls[0] == "quick 40" and "quick" not in " ".join(full.detector.calls), name
@@ -101,7 +96,7 @@ def test_faces_near_the_quick_size_pick_the_full_searchs_face(detector, t1, widt
     photo = _sized(t1, width)
     full = FacePipeline(detector, quick_min_face=None).process_one(photo)
     got = FacePipeline(detector).process_one(photo)
-    assert _iou(got.detection.box, full.detection.box) > 0.99, (width, got.detection.box, full.detection.box)
+    assert iou(got.detection.box, full.detection.box) > 0.99, (width, got.detection.box, full.detection.box)
     assert np.abs(got.detection.landmarks - full.detection.landmarks).max() < 0.01 * full.detection.short_side
     assert full.counted_from == 0.0
     if got.counted_from:
@@ -153,8 +148,8 @@ def test_detect_at_least_skips_only_smaller_faces(detector, t1):
     at_least = detector.detect_at_least(t1, 60)  # t1's faces are 95-140 px
     assert len(full) == len(at_least) == 6
     for d in full:
-        match = max(at_least, key=lambda e: _iou(e.box, d.box))
-        assert _iou(match.box, d.box) > 0.99 and np.abs(match.landmarks - d.landmarks).max() < 0.01 * d.short_side
+        match = max(at_least, key=lambda e: iou(e.box, d.box))
+        assert iou(match.box, d.box) > 0.99 and np.abs(match.landmarks - d.landmarks).max() < 0.01 * d.short_side
     assert detector.detect_at_least(t1, 1000) == []
     with pytest.raises(ValueError, match="min_face must be > 0 px, got -1"):
         detector.detect_at_least(t1, -1)
@@ -170,4 +165,4 @@ def test_the_largest_face_does_not_depend_on_the_photos_size(t1):
         for resample in (Image.Resampling.BILINEAR, Image.Resampling.LANCZOS):
             photo = np.asarray(Image.fromarray(t1).resize((width, round(width * 886 / 1280)), resample))
             box = np.asarray(pipeline.process_one(photo).detection.box) * (1280 / width)
-            assert _iou(box, ref) > 0.9, (width, resample, box, ref)
+            assert iou(box, ref) > 0.9, (width, resample, box, ref)

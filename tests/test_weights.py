@@ -18,8 +18,9 @@ from dreamid_core import (
     read_encoder_config,
     save_encoder,
 )
-from dreamid_core.encoder.config import FORMAT_VERSION, check_format_version
+from dreamid_core.encoder.config import FORMAT_VERSION
 from dreamid_core.encoder.weights import META_CONFIG, META_FORMAT
+from dreamid_core.fileio import check_format_version
 
 BB = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
 
@@ -144,12 +145,12 @@ def test_newer_format_version_is_refused(encoder, tmp_path):
 @pytest.mark.parametrize("found", [None, "", "v2", "1.5", -1, True, 1.0])
 def test_a_missing_or_non_integer_format_version_is_refused(found):
     with pytest.raises(WeightFormatError, match=r"enc\.safetensors: the encoder format_version is missing"):
-        check_format_version(found, "enc.safetensors", "encoder")
+        check_format_version(found, "enc.safetensors", "encoder", FORMAT_VERSION)
 
 
 def test_format_version_up_to_the_supported_one_is_read():
-    assert check_format_version("0", "old.safetensors", "encoder") == 0  # files from before the metadata key
-    assert check_format_version(FORMAT_VERSION, "enc.safetensors", "encoder") == FORMAT_VERSION
+    assert check_format_version("0", "old.safetensors", "encoder", FORMAT_VERSION) == 0  # files from before the metadata key
+    assert check_format_version(FORMAT_VERSION, "enc.safetensors", "encoder", FORMAT_VERSION) == FORMAT_VERSION
     assert check_format_version(3, "id.safetensors", "identity", supported=3) == 3
     with pytest.raises(WeightFormatError, match=r"id\.safetensors: written in identity format version 4, .*up to 3"):
         check_format_version(4, "id.safetensors", "identity", supported=3)

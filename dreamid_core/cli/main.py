@@ -26,7 +26,8 @@ from ..errors import DreamIDError
 from ..faces.detectors import BUILTIN, detector_names, make_detector
 from ..faces.images import crop_to_uint8, load_image
 from ..faces.pipeline import ON_MISSING, ORDERS, FacePipeline
-from ..identities.embedding_io import sanitize_name, write_embedding
+from ..identities.embedding_io import sanitize_name
+from ..identities.learned_identity import write_embedding
 from .runner import HelpFormatter, describe, run_main
 
 logger = logging.getLogger("dreamid_core")

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import WeightFormatError
+from ..fileio import check_format_version, unknown_fields
+from ..identities.families import FAMILY_PARTS, PART_WIDTHS, UNET_FAMILIES
 
 #: Version of the weights-file layout this code writes. Files of a higher version are refused.
 FORMAT_VERSION = 1
 
 #: Word-embedding widths of the text encoders, keyed as ComfyUI names them ("clip_" + tokenizer key).
 TEXT_ENCODER_PRESETS: dict[str, tuple[tuple[str, int], ...]] = {
-    "sd1": (("clip_l", 768),),
-    "sd2": (("clip_h", 1024),),
-    "sdxl": (("clip_l", 768), ("clip_g", 1280)),
-}
+    family: tuple((key, PART_WIDTHS[key]) for key in FAMILY_PARTS[family]) for family in UNET_FAMILIES}
 
 #: insightface arcface_torch ViT shapes (recognition/arcface_torch/backbones/__init__.py).
 BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
@@ -39,24 +38,6 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
 
 
-
-def check_format_version(found: object, path: object, kind: str, supported: int = FORMAT_VERSION) -> int:
-    """The one place a file's format version is checked; returns it as an int.
-
-    ``found`` is the version the file states (an int from a JSON config, or the string safetensors
-    metadata holds); ``path`` names the file in the message, ``kind`` what it is ("encoder",
-    "identity"). A missing or non-integer version, or one newer than ``supported``, is refused.
-    """
-    if isinstance(found, str) and found.strip().isdigit():
-        found = int(found)
-    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
-        raise WeightFormatError(f"{path}: the {kind} format_version is missing or not an integer ({found!r}); "
-                                "the file is damaged or was not written by DreamIdentity: export or save it again")
-    if found > supported:
-        raise WeightFormatError(
-            f"{path}: written in {kind} format version {found}, this DreamIdentity reads up to {supported}. "
-            "Update the pack (git pull, or Update in ComfyUI-Manager) to load it.")
-    return found
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -176,7 +157,7 @@ class EncoderConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> EncoderConfig:
         if not isinstance(data, dict):
             raise WeightFormatError(f"{source}: the encoder config is {type(data).__name__}, expected a JSON object")
-        check_format_version(data.get("format_version"), source, "encoder")
+        check_format_version(data.get("format_version"), source, "encoder", FORMAT_VERSION)
         data = dict(data)
         backbone = data.pop("backbone", {})
         try:
@@ -195,11 +176,6 @@ class EncoderConfig:
         except json.JSONDecodeError as exc:
             raise WeightFormatError(f"{source}: the encoder config is not valid JSON ({exc})") from exc
         return cls.from_dict(data, source)
-
-
-def unknown_fields(kind: type, data: dict[str, Any]) -> list[str]:
-    """Keys of ``data`` that are not fields of the dataclass ``kind`` (sorted)."""
-    return sorted(set(data) - {f.name for f in dataclasses.fields(kind)})
 
 
 def _reject_unknown(kind: type, data: dict[str, Any], source: str) -> None:

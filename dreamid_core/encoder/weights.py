@@ -28,9 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..errors import WeightFormatError
-from ..fileio import atomic_save_safetensors
+from ..fileio import atomic_save_safetensors, check_format_version
 from .backbone import FaceViT
-from .config import FORMAT_VERSION, BackboneConfig, EncoderConfig, check_format_version
+from .config import FORMAT_VERSION, BackboneConfig, EncoderConfig
 from .model import IDEncoder
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def read_encoder_config(path: str | os.PathLike[str]) -> tuple[EncoderConfig, di
             f"{path.name} is a safetensors file but not a DreamIdentity encoder (no {META_CONFIG!r} in its "
             f"metadata; keys: {sorted(meta)}). Is it a textual-inversion embedding or another model? "
             "Put it in the folder that matches what it is.")
-    check_format_version(meta.get(META_FORMAT, "0"), path.name, "encoder")  # files before the key: 0
+    check_format_version(meta.get(META_FORMAT, "0"), path.name, "encoder", FORMAT_VERSION)  # files before the key: 0
     config = EncoderConfig.from_json(meta[META_CONFIG], source=path.name)
     try:
         provenance = json.loads(meta.get(META_PROVENANCE, "{}"))

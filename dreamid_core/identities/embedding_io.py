@@ -7,7 +7,6 @@ The metadata records that DreamIdentity made it, and from which encoder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 
 from ..errors import WeightFormatError
-from ..fileio import atomic_save_safetensors
 from .families import PART_WIDTHS, WORD_PARTS
 
 logger = logging.getLogger(__name__)
@@ -71,22 +69,6 @@ def embedding_tensors(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if len(parts) == 1:
         return {"emb_params": next(iter(parts.values()))}
     return dict(parts)
-
-
-def write_embedding(path: str | os.PathLike[str], parts: dict[str, torch.Tensor], *, overwrite: bool = False,
-                    metadata: dict[str, Any] | None = None) -> Path:
-    """Write a textual-inversion ``.safetensors``; refuses to replace an existing file unless asked."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_name(path.name + ".safetensors")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists. Choose another name, or set overwrite to true to replace it.")
-    tensors = embedding_tensors(parts)
-    meta = {"format": "pt", "dreamid": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    atomic_save_safetensors(tensors, path, meta)
-    logger.info("wrote textual-inversion embedding %s (%s)", path,
-                ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
-    return path
 
 
 # -- reading (this pack's files, diffusers learned_embeds, A1111 .pt) ---------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import IncompatibleEncoderError
+from .families import FAMILY_WIDTHS
 
 
 @dataclass
@@ -31,7 +32,6 @@ class IdentityEmbeds:
         return next(iter(self.parts.values())).shape[0]
 
 
-FAMILY_KEYS = "SD1.x: clip_l 768, SD2.x: clip_h 1024, SDXL: clip_l 768 + clip_g 1280"
 
 
 def fit_parts(parts: dict[str, torch.Tensor], widths: dict[str, int], what: str = "this identity",
@@ -45,13 +45,13 @@ def fit_parts(parts: dict[str, torch.Tensor], widths: dict[str, int], what: str 
     if missing:
         raise IncompatibleEncoderError(
             f"{what} holds vectors for {sorted(parts)}, but {where} needs {sorted(widths)} (no {', '.join(missing)}). "
-            f"Use an identity made for this model family ({FAMILY_KEYS}).")
+            f"Use an identity made for this model family ({FAMILY_WIDTHS}).")
     out = {}
     for key, width in widths.items():
         t = parts[key]
         if t.ndim < 2 or t.shape[-1] != width:
             raise IncompatibleEncoderError(
                 f"{what}: its {key} vectors have shape {tuple(t.shape)}, but {where}'s {key} word embeddings are "
-                f"{width} wide. Use an identity made for this checkpoint's text encoder ({FAMILY_KEYS}).")
+                f"{width} wide. Use an identity made for this checkpoint's text encoder ({FAMILY_WIDTHS}).")
         out[key] = t
     return out

@@ -5,7 +5,8 @@ tokenizer ("clip_l", "clip_h", "clip_g", "t5xxl"): the key under which ComfyUI's
 takes a multi-key textual-inversion file's tensor, so one file serves every encoder of a family.
 
 API
-- ``FAMILY_PARTS``: family -> its encoders' keys; ``PART_WIDTHS``: each key's real word-embedding width.
+- ``FAMILY_PARTS``: family -> its encoders' keys; ``PART_WIDTHS``: each key's real word-embedding width;
+  ``UNET_FAMILIES``: the families encoders, learning and training work on.
 - ``family_of(keys) -> str``: the family whose encoders are exactly ``keys`` ("unknown" otherwise).
 - ``check_word_identities(keys, what)``: raises :class:`IncompatibleEncoderError` for a text encoder
   the pack cannot put word identities into (Qwen-Image's ``qwen25_7b``, Wan's ``umt5xxl``, …: ComfyUI
@@ -28,7 +29,13 @@ FAMILY_PARTS: dict[str, tuple[str, ...]] = {
     "chroma": ("t5xxl",),
 }
 PART_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280, "t5xxl": 4096}
+#: the UNet families: encoder files, identity learning and the training stack work on these
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 WORD_PARTS = frozenset(PART_WIDTHS)
+_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "FLUX.1", "chroma": "Chroma"}
+#: every family's encoders and widths, for messages: "SD1.x: clip_l 768, ..., FLUX.1: clip_l 768 + t5xxl 4096"
+FAMILY_WIDTHS = ", ".join(f"{_NAMES[f]}: " + " + ".join(f"{k} {PART_WIDTHS[k]}" for k in parts)
+                          for f, parts in FAMILY_PARTS.items())
 SUPPORTED = ("SD1.x (clip_l), SD2.x (clip_h), SDXL (clip_l + clip_g), SD3/3.5 (clip_l + clip_g + t5xxl), "
              "FLUX.1 dev/schnell/Krea/Kontext (clip_l + t5xxl), Chroma (t5xxl)")
 

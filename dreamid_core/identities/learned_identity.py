@@ -38,9 +38,8 @@ from typing import Any
 
 import torch
 
-from ..encoder.config import check_format_version, unknown_fields
 from ..errors import ConfigError, WeightFormatError
-from ..fileio import atomic_save_safetensors
+from ..fileio import atomic_save_safetensors, check_format_version, safetensors_target, unknown_fields
 from .embedding_io import embedding_parts, embedding_tensors, read_embedding_file
 from .embeds import IdentityEmbeds
 from .families import FAMILY_PARTS, family_of
@@ -228,13 +227,12 @@ class LearnedIdentity:
         return {k: v[stage, KV_INDEX[kv]] for k, v in self.tensors.items()}
 
 
-def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, *, overwrite: bool = False) -> Path:
-    """Write ``ident`` atomically as ``.safetensors`` (see the module docstring for the keys)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_name(path.name + ".safetensors")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists. Choose another name, or set overwrite to true to replace it.")
+def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, *, overwrite: bool = False,
+                          label: str | None = None) -> Path:
+    """Write ``ident`` atomically and byte-reproducibly as ``.safetensors`` (see the module docstring for the
+    keys): THE writer of the pack's identity and textual-inversion files. ``label`` names the file in a refusal
+    (e.g. relative to its models folder)."""
+    path = safetensors_target(path, overwrite=overwrite, label=label)
     if ident.layout == "words":
         tensors = embedding_tensors(ident.tensors)
     else:
@@ -247,6 +245,22 @@ def save_learned_identity(path: str | os.PathLike[str], ident: LearnedIdentity, 
     logger.info("wrote %s identity %s (%s)", ident.layout, path,
                 ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
     return path
+
+
+def write_embedding(path: str | os.PathLike[str], parts: dict[str, torch.Tensor], *, overwrite: bool = False,
+                    metadata: dict[str, Any] | None = None, label: str | None = None) -> Path:
+    """S* (``{key: [k, D]}``, e.g. an encoder's) as a standard textual-inversion file, through the one writer
+    (:func:`save_learned_identity`): a ``words`` identity whose config records where it came from
+    (``metadata``, e.g. the encoder's report, goes to ``extra``)."""
+    info = dict(metadata or {})
+    source = info.get("source")
+    config = IdentityConfig(layout="words", num_tokens=next(iter(parts.values())).shape[0],
+                            target=str(info.get("target") or family_of(parts)),
+                            init="encoder" if "scale" in info or not source else f"file:{source}",
+                            steps=int(info.get("steps") or 0), extra=info)
+    return save_learned_identity(path, LearnedIdentity(config, {k: v.detach().to("cpu", torch.float32).clone()
+                                                               for k, v in parts.items()}),
+                                 overwrite=overwrite, label=label)
 
 
 def load_learned_identity(path: str | os.PathLike[str], *, single_key: str | None = None,

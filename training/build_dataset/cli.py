@@ -33,6 +33,7 @@ from typing import Any
 from dreamid_core import FacePipeline, ImageInputError, detector_names, make_detector
 from dreamid_core.cli.runner import HelpFormatter, describe, run_main
 from dreamid_core.faces.images import load_image
+from dreamid_core.identities.families import UNET_FAMILIES
 
 from ..common.records import StepStore
 from .edit_prompts import EDIT_TEMPLATES, EXAMPLE_NAMES, load_names
@@ -114,7 +115,7 @@ def _generation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--base-model", type=Path, help="local diffusers folder or .safetensors (SD2.1-base in the paper)")
     g.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
-    g.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="default: detected from the files")
+    g.add_argument("--family", choices=UNET_FAMILIES, help="default: detected from the files")
     g.add_argument("--steps", type=int, default=30, help="DDIM steps")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--height", type=int, help="default: the model's native size")

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from dreamid_core import MissingDependencyError, ModelFilesError
+from dreamid_core.identities.families import UNET_FAMILIES
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = UNET_FAMILIES
 SUPPORTED = "sd1 (Stable Diffusion 1.x), sd2 (2.x, 2.1-base in the paper), sdxl (SDXL base 1.0)"
 #: the family's usual size, when a model's own (:func:`native_resolution`) cannot be read from its configs
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}

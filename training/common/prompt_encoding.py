@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from dreamid_core import ChunkLayout, TriggerNotFoundError, check_trigger, tokenize_prompt
+from dreamid_core.identities.families import FAMILY_PARTS
 
-#: diffusers component name -> the S* part key (ComfyUI's clip names)
-PART_FOR_ENCODER = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+#: the S* part key of each text encoder of a family, in the pipelines' order (the family table)
+PART_FOR_ENCODER = FAMILY_PARTS
 
 
 @dataclass

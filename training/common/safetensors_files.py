@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dreamid_core import WeightFormatError
-from dreamid_core.fileio import atomic_write
+from dreamid_core.fileio import atomic_write, canonical_header
 
 #: metadata keys that say how a file was made, not what it holds (dreamid_core.encoder.weights.META_PROVENANCE)
 PROVENANCE_KEYS = ("dreamid_provenance",)
@@ -41,13 +41,6 @@ def read_header(fh: IO[bytes], name: str = "file") -> tuple[dict[str, Any], int]
     if not isinstance(header, dict):
         raise WeightFormatError(f"{name}: the safetensors header is not a JSON object; export or download it again")
     return header, 8 + size
-
-
-def canonical_header(header: dict[str, Any]) -> bytes:
-    """Length prefix + sorted compact JSON, padded with spaces to 8 bytes as safetensors pads it."""
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
 
 
 def canonicalize(path: str | Path) -> Path:

@@ -13,6 +13,7 @@ import torch
 from dreamid_core import FacePipeline, detector_names, load_encoder, make_detector
 from dreamid_core.cli.runner import HelpFormatter, describe, run_main
 from dreamid_core.fileio import atomic_write
+from dreamid_core.identities.families import UNET_FAMILIES
 
 from . import protocol
 from .identity_sources import EmbeddingIdentity, EncoderIdentity, LearnedIdentitySource
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
     p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="base model family (default: read from its files)")
+    p.add_argument("--family", choices=UNET_FAMILIES, help="base model family (default: read from its files)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--encoder", type=Path, help="DreamIdentity encoder .safetensors")
     who.add_argument("--identity", type=Path, help="a learned identity of either layout (python -m "

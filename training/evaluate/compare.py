@@ -26,6 +26,7 @@ from typing import Any
 
 from dreamid_core import FacePipeline, load_encoder, make_detector
 from dreamid_core.cli.runner import HelpFormatter, describe, run_main
+from dreamid_core.identities.families import UNET_FAMILIES
 
 from . import protocol as ev
 from .cli import add_protocol_args, add_runtime_args
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", required=True, help="NAME=encoder:FILE or NAME=identity:PATH")
     p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
     p.add_argument("--base-config", type=Path)
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="base model family (default: read from its files)")
+    p.add_argument("--family", choices=UNET_FAMILIES, help="base model family (default: read from its files)")
     p.add_argument("--backbone", type=Path, help="arcface_torch backbone, if an encoder file has none")
     p.add_argument("--faces", type=Path, required=True, help="folder of test photos, one identity per photo")
     p.add_argument("--prompts", type=Path, default=ev.EXAMPLE_PROMPTS, help="one prompt per line, each with the trigger")

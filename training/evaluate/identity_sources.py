@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dreamid_core import IncompatibleEncoderError, WeightFormatError
+from dreamid_core import WeightFormatError
 from dreamid_core.encoder.identity import parts_from_crops
 from dreamid_core.identities.embedding_io import read_embedding
 from dreamid_core.identities.embeds import fit_parts
@@ -40,15 +40,14 @@ class EncoderIdentity:
     fixed = False
 
     def __init__(self, encoder: Any, widths: dict[str, int], scale: float = 1.0) -> None:
-        if dict(encoder.config.widths) != dict(widths):
-            raise IncompatibleEncoderError(f"the encoder makes S* for {dict(encoder.config.widths)} but the base model's "
-                                           f"text encoder(s) take {dict(widths)}; evaluate it on the base model it "
-                                           f"was trained for (target {encoder.config.target!r})")
-        self.encoder, self.scale = encoder, scale
+        probe = {k: torch.zeros(1, w) for k, w in encoder.config.widths.items()}  # what it makes, checked once
+        fit_parts(probe, widths, f"the encoder (target {encoder.config.target!r})", "the base model")
+        self.encoder, self.scale, self.widths = encoder, scale, widths
         self.k = encoder.config.num_tokens
 
     def parts(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
-        return parts_from_crops(self.encoder, crop[None], scale=self.scale)  # the node's and CLI's path
+        s_star = parts_from_crops(self.encoder, crop[None], scale=self.scale)  # the node's and CLI's path
+        return fit_parts(s_star, self.widths, "the encoder's S*", "the base model")
 
 
 class EmbeddingIdentity:
@@ -60,16 +59,7 @@ class EmbeddingIdentity:
         path = Path(path)
         keys = PART_FOR_ENCODER[family]
         tensors = read_embedding(path, single_key=keys[0] if len(keys) == 1 else None)
-        if all(k in tensors for k in keys):
-            parts = {k: tensors[k] for k in keys}
-        else:
-            want = "emb_params" if len(keys) == 1 else " and ".join(keys)
-            raise WeightFormatError(f"{path.name} holds {sorted(tensors)}; a {family} textual-inversion file holds "
-                                    f"{want} ([k, width] each)")
-        for key, t in parts.items():
-            if t.ndim != 2 or t.shape[1] != widths[key]:
-                raise IncompatibleEncoderError(f"{path.name}: {key} is {tuple(t.shape)} but the base model's {key} "
-                                               f"takes [k, {widths[key]}]; use an embedding made for this base model")
+        parts = fit_parts(tensors, widths, path.name, "the base model")
         if len({t.shape[0] for t in parts.values()}) != 1:
             raise WeightFormatError(f"{path.name}: its tensors disagree on k: {[tuple(t.shape) for t in parts.values()]}")
         self._parts = parts

@@ -27,6 +27,8 @@ import torch
 
 from dreamid_core import ConfigError, FacePipeline, detector_names, make_detector
 from dreamid_core.cli.runner import HelpFormatter, describe, run_main
+from dreamid_core.fileio import safetensors_target
+from dreamid_core.identities.families import UNET_FAMILIES
 from dreamid_core.identities.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, save_learned_identity
 from dreamid_core.learning import IdentityLearner, LearnResult, RunOptions, check_settings
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--base-model", type=Path, required=True, help="local diffusers folder or .safetensors")
     p.add_argument("--base-config", type=Path, help="diffusers config folder for a single-file --base-model")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="base model family (default: read from its files)")
+    p.add_argument("--family", choices=UNET_FAMILIES, help="base model family (default: read from its files)")
     p.add_argument("--photos", nargs="+", required=True, help="photos (or folders of photos) of ONE person")
     p.add_argument("--out", type=Path, required=True, help="the identity .safetensors to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -110,9 +112,7 @@ def run(args: argparse.Namespace) -> LearnResult:
     from ..common.generation import resolve_device
 
     device = resolve_device(args.device)
-    out = args.out if args.out.suffix == ".safetensors" else args.out.with_name(args.out.name + ".safetensors")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = safetensors_target(args.out, overwrite=args.overwrite)  # refused before anything is loaded
     opts = RunOptions(batch_size=args.batch_size, augment=args.augment, scale_jitter=args.scale_jitter,
                       gradient_checkpointing=args.gradient_checkpointing)
     probe = IdentityConfig(layout=args.layout, num_tokens=args.num_tokens or 2, num_stages=args.num_stages,

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreamid_core.encoder.config import unknown_fields
 from dreamid_core.errors import ConfigError
+from dreamid_core.fileio import unknown_fields
+from dreamid_core.identities.families import UNET_FAMILIES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LATENT_CACHE = ("off", "memory", "disk")
@@ -91,7 +92,7 @@ class ExperimentConfig:
         def bad(name: str, hint: str) -> ConfigError:
             return ConfigError(f"ExperimentConfig.{name} = {getattr(self, name)!r}: {hint}")
 
-        if self.family is not None and self.family not in ("sd1", "sd2", "sdxl"):
+        if self.family is not None and self.family not in UNET_FAMILIES:
             raise bad("family", "use 'sd1', 'sd2', 'sdxl' or null (detect); SD3, Flux and other transformer "
                                 "models are not supported")
         for name in ("num_tokens", "hidden_dim", "batch_size", "gradient_accumulation_steps", "max_steps",
