@@ -72,7 +72,7 @@ def warp_affine(image: torch.Tensor, m: np.ndarray, size: int) -> torch.Tensor:
     A face more than twice the output size is shrunk first, antialiased. On a uint8 photo on the CPU laid
     out ``[H, W, 3]`` (what the face pipeline passes), whole ``k x k`` blocks of the face's region are averaged
     on the bytes first and only the rest (< 2x) is resized, so only a ``k^2``-th of its pixels become float
-    (a face 700 px wide in an 8000x6000 photo: 4 ms instead of 14 ms); the crop then differs from the float
+    (``python bench/large_photos.py`` times both); the crop then differs from the float
     path's by the filter (box then triangle instead of one triangle), on average well under a grey level.
     """
     _, h, w = image.shape

@@ -168,7 +168,7 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     shrinks (each output pixel averages what it covers, so small faces stay smooth for the detector).
 
     On the photo's own bytes, with torch's uint8 kernels (channels-last, AVX2): within 1 level of the same
-    resize through float and 5-9x faster; an 8000x6000 photo to 640 px takes ~20 ms on one core.
+    resize through float, and faster (``python bench/large_photos.py`` prints by how much).
     """
     h, w = image.shape[:2]
     if (h, w) == tuple(size):
@@ -189,8 +189,8 @@ def block_means(image: np.ndarray, factor: int) -> np.ndarray:
 
     A band of block rows at a time (so the intermediates stay in cache), the rows of each block are
     summed on the image's own bytes (``uint16``), and only those ``factor`` times fewer values become
-    float, their columns summed by one matrix product. 8000x6000 by 12 on one core: ~30 ms, where PIL's
-    ``reduce`` took 70-110 ms (and 50 ms more to copy an RGB photo into PIL at all).
+    float, their columns summed by one matrix product (``python bench/large_photos.py`` times it against
+    PIL's ``reduce``).
     """
     if factor < 1:
         raise ValueError(f"block_means factor must be >= 1, got {factor}")

@@ -46,8 +46,7 @@ INSTALL_FIX = (
 _CELL, _STRIDE = 12, 2  # P-Net's receptive field and output stride, in pixels of a pyramid level
 _PACK_BELOW = 128 * 128  # pyramid levels under this many px share one P-Net call (see _propose)
 #: crop pixels per R-Net/O-Net forward: 128 crops of 24 px, 32 of 48 px, so the first layer's activations
-#: (~8 MB) stay in cache. Measured on one core: R-Net on 416 crops 29 ms in chunks of 128 (33 ms in one of
-#: 512), O-Net on 80 crops 34 ms in chunks of 32 (55 ms in one)
+#: (~8 MB) stay in cache (``python bench/encode.py`` times detection)
 _CHUNK_PIXELS = 128 * 24 * 24
 
 
@@ -212,7 +211,7 @@ class MTCNNDetector:
         self.max_side = int(max_side)
         self.device = torch.device(device)
         self.weights_dir = locate_weights(weights_dir)
-        # channels-last: the pools and small convolutions run 3x faster on the CPU in that layout
+        # channels-last: the pools and small convolutions run faster on the CPU in that layout
         self.pnet, self.rnet, self.onet = (
             _load_net(net, self.weights_dir / file).to(self.device, memory_format=torch.channels_last)
             for net, file in zip((PNet(), RNet(), ONet()), WEIGHT_FILES, strict=True))

@@ -1,4 +1,4 @@
-"""Stage 3, evaluation: the paper's protocol (:mod:`.protocol`), run by ``python -m training.evaluate``
+"""Phase 3, evaluation: the paper's protocol (:mod:`.protocol`), run by ``python -m training.evaluate``
 (:mod:`.cli`); S* from an encoder, a textual-inversion file or a learned identity (:mod:`.identity_sources`);
 several methods in one table: ``python -m training.evaluate_identities`` (:mod:`.compare`); the numbers
 (:mod:`.report`) and the image grid (:mod:`.grid`). The scorers are :mod:`training.common.scorers`.

@@ -1,4 +1,4 @@
-"""Stage 2, training the ID encoder: ``python -m training.train`` (:mod:`.cli`).
+"""Phase 2, training the ID encoder: ``python -m training.train`` (:mod:`.cli`).
 
 :mod:`.run` sets a run up, :mod:`.loop` runs its steps, :mod:`.loss` is the DreamIdentity loss; the
 experiment config and run flags are :mod:`.config`; :mod:`.prepare` builds the model, optimizer and data

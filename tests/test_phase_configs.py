@@ -1,5 +1,6 @@
-"""One config style across the training stages: each stage's settings are a dataclass that refuses a value
-that cannot work when it is made, with a ConfigError (a DreamIDError and a ValueError) naming the setting."""
+"""One config style across the training phases (dataset, training, evaluation, identity learning): each phase's
+settings are a dataclass that refuses a value that cannot work when it is made, with a ConfigError (a DreamIDError
+and a ValueError) naming the setting."""
 
 from __future__ import annotations
 
