@@ -182,6 +182,28 @@ def _stub_missing_loaders(route, stubbed: list[str]) -> None:
     route.fulfill(response=response, json=info)
 
 
+# -- the shipped templates on the test server and in the browser (tests/template_fixtures.py) -------
+
+@pytest.fixture(scope="session")
+def server_files(comfyui, comfy_server):
+    """Tiny models under the file names the templates load, real photos in the server's input folder
+    (``template_fixtures.write_server_files``); {file name: a template that loads it}."""
+    from template_fixtures import IMAGES, write_server_files
+
+    if IMAGES is None:
+        _skip("insightface (sample photos) is not installed")
+    return write_server_files(comfy_server)
+
+
+@pytest.fixture(scope="session")
+def templates_in_app(comfy_server, server_files, browser_page):
+    """The templates loaded and run in the browser, each run at most once per session
+    (``template_fixtures.TemplatesInApp``)."""
+    from template_fixtures import TemplatesInApp
+
+    return TemplatesInApp(browser_page, comfy_server)
+
+
 # -- the training tests' tiny setup (tests/training_fixtures.py builds it) ----------------------------
 
 @pytest.fixture

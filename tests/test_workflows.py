@@ -3,7 +3,6 @@ real browser with no missing nodes; and the API's error paths name the node and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import time
@@ -11,23 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from comfy_env import ARTIFACTS
 from comfy_frontend import dismiss_notices, frontend_version, load_in_app
 from comfy_server import PromptRejected
 from PIL import Image
+from template_fixtures import WORKFLOWS, model_files
 from workflow_api import load_workflow, nodes_of, set_inputs, strip_meta, ui_to_api, use_tiny_clip
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 PACK = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
-_spec = importlib.util.find_spec("insightface")
-IMAGES = Path(_spec.origin).parent / "data" / "images" if _spec and _spec.origin else None
-
-
-def model_files(workflow: dict) -> set[str]:
-    return {v for n in workflow["nodes"] for v in n.get("widgets_values") or []
-            if isinstance(v, str) and v.endswith(".safetensors")}
+# the server_files fixture (tiny models under the templates' file names, photos) is in conftest.py
 
 
 def test_workflow_model_names_are_in_the_readme():
@@ -36,40 +28,6 @@ def test_workflow_model_names_are_in_the_readme():
     for path in WORKFLOWS:
         for name in model_files(load_workflow(path)):
             assert name in readme, f"{path.name} uses {name}, which the README's model table does not list"
-
-
-@pytest.fixture(scope="session")
-def server_files(comfyui, comfy_server):
-    """Tiny models under the README's file names, and real photos in the input folder (the model
-    writers use ComfyUI's own classes, hence the in-process ``comfyui``)."""
-    from comfy_tiny import write_tiny_controlnet, write_tiny_sd2_checkpoint
-
-    from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, save_encoder
-
-    if IMAGES is None:
-        pytest.skip("insightface (sample photos) is not installed")
-    names = {}
-    for path in WORKFLOWS:
-        for name in model_files(load_workflow(path)):
-            names[name] = path
-    write_tiny_sd2_checkpoint(comfy_server.models_dir("checkpoints") / "v2-1_512-ema-pruned.safetensors")
-    write_tiny_controlnet(comfy_server.models_dir("controlnet") / "control_v11p_sd21_openpose.safetensors")
-    torch.manual_seed(0)
-    bb = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
-    encoder = IDEncoder(EncoderConfig.for_target("sd2", bb, hidden_dim=64))
-    with torch.no_grad():  # S* about as large as real word embeddings
-        encoder.projections[0].out.weight.mul_(0.3)
-        encoder.projections[1].out.weight.mul_(0.3)
-    save_encoder(encoder, comfy_server.models_dir("dreamidentity") / "dreamid_sd21_base.safetensors")
-    group = Image.open(IMAGES / "t1.jpg").convert("RGB")
-    photos = {"face.png": group.crop((400, 180, 640, 460)), "face2.png": group.crop((360, 120, 700, 520)),
-              "group.png": group, "mask.png": Image.open(IMAGES / "mask_white.jpg").convert("RGB")}
-    tmp = ARTIFACTS / "inputs"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name, im in photos.items():
-        im.save(tmp / name)
-        comfy_server.upload_image(tmp / name)
-    return names
 
 
 def tiny(prompt: dict) -> dict:
