@@ -263,8 +263,93 @@ class ComfyServer:
                                      / item["filename"])
         return files
 
+    def interrupt(self) -> None:
+        """POST /interrupt: Cancel, as the frontend's button does."""
+        self._request("POST", "/interrupt", b"{}")
+
+    def watch(self) -> Watcher:
+        """A websocket listener for this server's client id (use as a context manager)."""
+        return Watcher(self)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class Watcher:
+    """What the server sends this client over its websocket while active: JSON events (``events``: (type,
+    data)) and binary messages (``binary``: (event type, payload)), e.g. 1 = a preview image (JPEG/PNG
+    after a 4-byte format field), 3 = a node's progress text. Runs aiohttp (a ComfyUI requirement) on its
+    own thread; ``wait_for(predicate)`` polls what arrived."""
+
+    def __init__(self, server: ComfyServer) -> None:
+        self.server = server
+        self.events: list[tuple[str, dict]] = []
+        self.binary: list[tuple[int, bytes]] = []
+        self._stop = None
+        self._thread = None
+        self._ready = None
+
+    def __enter__(self) -> Watcher:
+        import asyncio
+        import threading
+
+        import aiohttp
+
+        self._ready = threading.Event()
+        url = f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.server.client_id}"
+
+        async def run():
+            self._stop = asyncio.Event()
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        msg = await asyncio.wait_for(ws.receive(), timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        self.events.append((data.get("type"), data.get("data") or {}))
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        self.binary.append((int.from_bytes(msg.data[:4], "big"), bytes(msg.data[4:])))
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+
+        def main():
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(run())
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise TimeoutError("the websocket did not connect")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def wait_for(self, predicate, timeout: float = 120.0) -> bool:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if predicate(self):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def previews(self) -> list[bytes]:
+        return [payload[4:] for kind, payload in self.binary if kind in (1, 4)]
+
+    def texts(self) -> list[str]:
+        """Progress texts (binary event 3: node id length, node id, text)."""
+        out = []
+        for kind, payload in self.binary:
+            if kind == 3:
+                n = int.from_bytes(payload[:4], "big")
+                out.append(payload[4 + n:].decode("utf-8", "replace"))
+        return out
