@@ -200,3 +200,17 @@ def test_the_overwrite_sequence(pack, folders, layout):
     save.save(second, f"me_{layout}", True)
     assert torch.equal(load(pack, name)[0].tensors["clip_h"], second.tensors["clip_h"])
     assert (folder / f"someone_else_{layout}.safetensors").read_bytes() == before
+
+
+@needs_photos
+def test_photos_without_a_face_are_skipped_when_asked_and_named_otherwise(pack, sd2):
+    from face_photos import face_photo as fp
+
+    none = torch.from_numpy(np.asarray(fp("none", size=128), dtype=np.float32) / 255.0)[None]
+    batch = torch.cat([photo(), none])
+    errors = pack["mods"]("dreamid_core.errors")
+    with pytest.raises(errors.FaceNotFoundError, match=r"image 1.*skip photos without a face"):
+        learn(pack, sd2, image=batch)
+    out = learn(pack, sd2, image=batch, on_missing="skip")
+    assert out["result"][0].config.extra["num_photos"] == 1
+    assert "skipped photos [1] (no face)" in out["ui"]["text"][0]
