@@ -1,11 +1,23 @@
 """The templates as the real frontend (1.2x and 1.4x) lays them out: no two nodes overlap after loading
-and after a run from the page (previews, report boxes), every note shows all its text, and the
-templates that need the unpublished encoder say on the canvas how it is made and where it goes."""
+and after a run from the page (previews, report boxes); the templates that need the unpublished
+encoder say on the canvas how it is made and where it goes, and frontend 1.4x's missing-model list
+names its folder instead of "Unknown" without offering a download (web/js/dreamid_models.js)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
-from comfy_frontend import dom_widget_on_screen, frontend_version, overlaps
+from comfy_env import ARTIFACTS
+from comfy_frontend import (
+    DETAILS_PANEL,
+    dismiss_notices,
+    dom_widget_on_screen,
+    error_details,
+    frontend_version,
+    load_in_app,
+    overlaps,
+)
 from template_fixtures import ENCODER_FILE, WORKFLOWS
 from workflow_api import load_workflow
 
@@ -13,6 +25,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow]
 IDS = [p.stem for p in WORKFLOWS]
 NEED_ENCODER = [p for p in WORKFLOWS if any(n["type"] == "DreamID_LoadIDEncoder" for n in load_workflow(p)["nodes"])]
 NOTE_TYPES = {"Note", "MarkdownNote"}
+PORTRAIT = WORKFLOWS[0].parent / "dreamid_portrait_sd21.json"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
@@ -47,3 +60,36 @@ def test_templates_needing_the_encoder_say_how_it_is_made_on_the_canvas(template
     words = (ENCODER_FILE, "python -m training.train", "python -m training.export", "models/dreamidentity/")
     said = [s for s in shown if s and s["visible"] and all(w in s["shown"] for w in words)]
     assert said, f"{path.name}: no note on the canvas names {words}: {shown}"
+
+
+def test_missing_encoder_is_listed_under_its_folder_with_no_download(templates_in_app, comfy_server, browser_page):
+    page = browser_page
+    encoder = comfy_server.models_dir("dreamidentity") / ENCODER_FILE
+    aside = encoder.with_name(encoder.name + ".aside")
+    shutil.move(encoder, aside)
+    try:
+        templates_in_app.open()  # the frontend reads the model folders afresh, without the file
+        state = load_in_app(page, load_workflow(PORTRAIT))
+        version = frontend_version(page)
+        # what the page would save keeps no entry without a url: frontend 1.2x refuses such a workflow
+        saved = page.evaluate("() => app.graph.serialize()")
+        entries = [m for n in saved["nodes"] for m in (n.get("properties") or {}).get("models") or []]
+        assert all(m.get("url") for m in entries), f"frontend {version} would save {entries}"
+        if version.startswith("1.2"):
+            # 1.2x names only files with a download URL: nothing about the encoder, and no schema alert
+            assert state["notices"] == [], f"frontend {version}: {state['notices']}"
+            return
+        page.screenshot(path=str(ARTIFACTS / "missing-encoder-panel.png"))
+        panel = page.locator(DETAILS_PANEL)
+        told = panel.first.inner_text() if panel.count() and panel.first.is_visible() else error_details(page)
+        lines = [line.strip() for line in told.splitlines()]
+        assert ENCODER_FILE in lines, f"frontend {version}: the missing encoder is not listed: {told!r}"
+        folder = lines[lines.index(ENCODER_FILE) + 1]
+        assert folder == "dreamidentity" and "Unknown" not in lines, f"frontend {version}: {told!r}"
+        buttons = page.evaluate("""(sel) => [...document.querySelectorAll(sel + ' button, ' + sel + ' a')]
+            .map(b => [b.innerText, b.title, b.getAttribute('aria-label') ?? ''].join(' ').trim())""", DETAILS_PANEL)
+        assert not [b for b in buttons if "download" in b.lower()], f"frontend {version} offers a download: {buttons}"
+    finally:
+        shutil.move(aside, encoder)
+        dismiss_notices(page)
+        templates_in_app.reopen_later()  # the next template is loaded in an app that sees the file again
