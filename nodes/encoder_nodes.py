@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -61,7 +62,7 @@ class DreamIDLoadIDEncoder:
                    "like any model.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "encoder_name": (encoder_files(), {"tooltip": "Encoder .safetensors in models/dreamidentity (from "
@@ -89,7 +90,8 @@ class DreamIDLoadIDEncoder:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, encoder_name, face_detector, provider, backbone_name=BACKBONE_IN_FILE):
+    def load(self, encoder_name: str, face_detector: str, provider: str,
+             backbone_name: str = BACKBONE_IN_FILE) -> tuple[EncoderBundle]:
         path = encoder_path(encoder_name)
         backbone = None
         if backbone_name and backbone_name != BACKBONE_IN_FILE:
@@ -113,7 +115,7 @@ class DreamIDEncodeFace:
                    "the aligned crops (preview) and the face layout for DreamID_ScenePosition.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "encoder": ("DREAMID_ENCODER", {"tooltip": "From DreamID_LoadIDEncoder."}),
@@ -152,8 +154,8 @@ class DreamIDEncodeFace:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, encoder: EncoderBundle, image, strength, combine, face_index, face_order, on_missing,
-               face_index_2=-1, face_index_3=-1):
+    def encode(self, encoder: EncoderBundle, image: torch.Tensor, strength: float, combine: str, face_index: int,
+               face_order: str, on_missing: str, face_index_2: int = -1, face_index_3: int = -1) -> dict[str, Any]:
         require_finite("DreamID_EncodeFace", strength=strength)
         n = int(image.shape[0])
         indices = [face_index] + [i for i in (face_index_2, face_index_3)]
@@ -171,7 +173,7 @@ class DreamIDEncodeFace:
 
             done = len(texts) * n
 
-            def step(i, total, done=done):
+            def step(i: int, total: int, done: int = done) -> None:
                 mm.throw_exception_if_processing_interrupted()
                 bar.update_absolute(done + i, n * len(wanted))
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import folder_paths
 
 from ..dreamid_core import sanitize_name
+from ..dreamid_core.identities.embeds import IdentityEmbeds
 from ..dreamid_core.identities.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
 from .adapters.paths import IDENTITY_FOLDER, identity_files, identity_path
 from .adapters.per_stage import apply_per_stage, clip_single_key, representative_embeds
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -27,7 +33,7 @@ class DreamIDApplyPerStageIdentity:
                    "CONDITIONING to a sampler. A words identity works too (then it equals DreamID_InjectIDTokens).")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The checkpoint's MODEL; a patched clone is returned."}),
             "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
@@ -45,7 +51,8 @@ class DreamIDApplyPerStageIdentity:
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
-    def apply(self, model, clip, identity: LearnedIdentity, text, trigger):
+    def apply(self, model: ModelPatcher, clip: CLIP | None, identity: LearnedIdentity, text: str,
+              trigger: str) -> tuple[ModelPatcher, list[list]]:
         if clip is None:
             raise RuntimeError("the clip input is None: connect the checkpoint's CLIP (or a CLIPLoader).")
         return apply_per_stage(model, clip, identity, text, trigger)
@@ -57,7 +64,7 @@ class DreamIDLoadIdentity:
                    "with weights_only, i.e. hold no code). Use it as the identity, or as the init of a learning run.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "identity_name": (identity_files(), {"tooltip": "identities/... = per-stage or learned files; "
                                                             "embeddings/... = textual-inversion files."}),
@@ -73,7 +80,7 @@ class DreamIDLoadIdentity:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, identity_name, clip=None):
+    def load(self, identity_name: str, clip: CLIP | None = None) -> tuple[LearnedIdentity, IdentityEmbeds]:
         ident = load_learned_identity(identity_path(identity_name), single_key=clip_single_key(clip),
                                       label=identity_name)
         logger.info("DreamIdentity: loaded %s identity %s (k=%d)", ident.layout, identity_name, ident.num_tokens)
@@ -90,7 +97,7 @@ class DreamIDSaveLearnedIdentity:
                    "models/dreamidentity/identities, for DreamID_LoadIdentity + DreamID_ApplyPerStageIdentity.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "identity": ("DREAMID_IDENTITY", {"tooltip": "From DreamID_LearnIdentity."}),
             "name": ("STRING", {"default": "my_identity", "tooltip": "File name without extension."}),
@@ -104,7 +111,7 @@ class DreamIDSaveLearnedIdentity:
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
 
-    def save(self, identity: LearnedIdentity, name, overwrite):
+    def save(self, identity: LearnedIdentity, name: str, overwrite: bool) -> dict[str, Any]:
         clean = sanitize_name(name)
         if identity.layout == "words":
             folder, shown = Path(folder_paths.get_folder_paths("embeddings")[0]), "embeddings"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_management as mm
 import comfy.utils
@@ -24,8 +26,8 @@ import torch
 from ..dreamid_core import sanitize_name
 from ..dreamid_core.encoder.identity import parts_from_crops
 from ..dreamid_core.faces.detectors import make_detector
-from ..dreamid_core.faces.pipeline import ON_MISSING, FacePipeline
-from ..dreamid_core.identities.embeds import fit_parts
+from ..dreamid_core.faces.pipeline import ON_MISSING, FacePipeline, FaceResult
+from ..dreamid_core.identities.embeds import IdentityEmbeds, fit_parts
 from ..dreamid_core.identities.families import UNET_FAMILIES, family_of
 from ..dreamid_core.identities.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
 from ..dreamid_core.identities.trigger import find_triggers
@@ -33,6 +35,7 @@ from ..dreamid_core.learning import (
     IdentityLearner,
     LearnSettingsError,
     RunOptions,
+    StepStats,
     check_settings,
     from_word_rows,
 )
@@ -45,6 +48,12 @@ from .adapters.paths import IDENTITY_FOLDER
 from .adapters.per_stage import representative_embeds
 from .adapters.validation import NodeInputError, require_finite
 
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP, VAE
+
+    from .encoder_nodes import EncoderBundle
+
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
 NODE = "DreamID_LearnIdentity"
@@ -53,7 +62,7 @@ PREVIEW_PROMPT = "a portrait photo of S*, looking at the camera"
 _PIPELINE: dict[str, FacePipeline] = {}
 
 
-def _face_pipeline(encoder) -> FacePipeline:
+def _face_pipeline(encoder: EncoderBundle | None) -> FacePipeline:
     if encoder is not None:
         return encoder.pipeline
     device = str(mm.get_torch_device())
@@ -62,7 +71,7 @@ def _face_pipeline(encoder) -> FacePipeline:
     return _PIPELINE[device]
 
 
-def check_models(model, clip, vae) -> str:
+def check_models(model: ModelPatcher | None, clip: CLIP | None, vae: VAE | None) -> str:
     """The model family; clear errors for a missing VAE/CLIP and MODEL/CLIP of different families."""
     if model is None:
         raise NodeInputError(f"{NODE}: the model input is None; connect the checkpoint's MODEL.")
@@ -88,7 +97,7 @@ def check_models(model, clip, vae) -> str:
     return family
 
 
-def _snapshot_of(init_identity) -> LearnedIdentity | None:
+def _snapshot_of(init_identity: IdentityEmbeds | LearnedIdentity | None) -> LearnedIdentity | None:
     """The learned identity behind ``init_identity`` (DREAMID_IDENTITY, or DREAMID_EMBEDS that LoadIdentity
     made from one), for resuming and per-stage starts."""
     if isinstance(init_identity, LearnedIdentity):
@@ -96,7 +105,9 @@ def _snapshot_of(init_identity) -> LearnedIdentity | None:
     return getattr(init_identity, "info", {}).get("identity")
 
 
-def _start(host: ComfyHost, faces, encoder, init_identity, init_word: str, k: int):
+def _start(host: ComfyHost, faces: Sequence[FaceResult], encoder: EncoderBundle | None,
+           init_identity: IdentityEmbeds | LearnedIdentity | None, init_word: str,
+           k: int) -> tuple[dict[str, torch.Tensor], str]:
     """(start vectors, init label): an identity > the encoder's S* of the photos > the init word."""
     widths = {key: int(v.shape[-1]) for key, v in host.word_embeddings("person").items()}
     if init_identity is not None:
@@ -135,7 +146,7 @@ class DreamIDLearnIdentity:
                    "prompt does not learn again.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (SD1.x, SD2.x, SDXL); frozen."}),
@@ -214,11 +225,14 @@ class DreamIDLearnIdentity:
     FUNCTION = "learn"
     CATEGORY = CATEGORY
 
-    def learn(self, model, clip, vae, image, steps, learning_rate, attention_loss_weight, layout, num_tokens,
-              init_word, class_word, resolution, batch_size, seed, gradient_checkpointing, encoder=None,
-              init_identity=None, num_stages=5, stage_kind="time", offload=False, on_missing="error",
-              norm="vocabulary", name="my_identity", preview_every=50, preview_prompt=PREVIEW_PROMPT,
-              snapshot_every=50, keep_last=0, unique_id=None):
+    def learn(self, model: ModelPatcher, clip: CLIP, vae: VAE, image: torch.Tensor, steps: int, learning_rate: float,
+              attention_loss_weight: float, layout: str, num_tokens: int, init_word: str, class_word: str,
+              resolution: int, batch_size: int, seed: int, gradient_checkpointing: bool,
+              encoder: EncoderBundle | None = None, init_identity: IdentityEmbeds | LearnedIdentity | None = None,
+              num_stages: int = 5, stage_kind: str = "time", offload: bool = False, on_missing: str = "error",
+              norm: str = "vocabulary", name: str = "my_identity", preview_every: int = 50,
+              preview_prompt: str = PREVIEW_PROMPT, snapshot_every: int = 50, keep_last: int = 0,
+              unique_id: str | None = None) -> dict[str, Any]:
         # -- every cheap check before a photo is looked at --------------------------------------------
         require_finite(NODE, learning_rate=learning_rate, attention_loss_weight=attention_loss_weight)
         family = check_models(model, clip, vae)
@@ -276,7 +290,7 @@ class DreamIDLearnIdentity:
                     learner = IdentityLearner(host, photos, config, start, options,
                                               resume=resume.resume if resume else None)
 
-                    def on_step(i, stats):
+                    def on_step(i: int, stats: StepStats) -> None:
                         history.append({"loss": stats.loss, "diffusion": stats.diffusion,
                                         "attention": stats.attention})
                         done = i + 1
@@ -333,7 +347,7 @@ def _digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _save_on_stop(exc: BaseException, learner, snaps: Snapshots, unique_id) -> None:
+def _save_on_stop(exc: BaseException, learner: IdentityLearner | None, snaps: Snapshots, unique_id: str | None) -> None:
     """On Cancel or an error mid-run: the identity so far as a snapshot, and where it is."""
     if learner is None or learner.next_step == 0:
         return
@@ -350,7 +364,7 @@ def _save_on_stop(exc: BaseException, learner, snaps: Snapshots, unique_id) -> N
         exc.args = (f"{exc.args[0]} (The identity of {where}.)", *exc.args[1:])
 
 
-def _tell(unique_id, text: str) -> None:
+def _tell(unique_id: str | None, text: str) -> None:
     """Text on the node (ComfyUI's progress text), where the server is running."""
     try:
         from server import PromptServer

@@ -10,15 +10,21 @@ it; another pack's attn2 *replace* patch on the same blocks would replace this o
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..dreamid_core import check_trigger
 from ..dreamid_core.errors import TriggerNotFoundError
+from ..dreamid_core.identities.embeds import IdentityEmbeds
 from ..dreamid_core.identities.regions import biased_attention, check_aspect, check_region_mask, region_bias
 from .adapters.attention_patches import attention_blocks
 from .adapters.comfy_tokens import tokenize_with_identities
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -32,7 +38,7 @@ class RegionPatch:
     for tests that measure where the identity tokens attend."""
 
     def __init__(self, masks: list[torch.Tensor | None], positions: list[list[int]], context_len: int,
-                 names: list[str]):
+                 names: list[str]) -> None:
         self.masks, self.positions, self.context_len, self.names = masks, positions, context_len, names
         self.record: list | None = None
         self._bias: dict[tuple, torch.Tensor] = {}
@@ -50,7 +56,7 @@ class RegionPatch:
             self._bias[key] = region_bias(masks, positions, length, grid)
         return self._bias[key]
 
-    def __call__(self, q, k, v, extra_options):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]) -> torch.Tensor:
         heads = extra_options["n_heads"]
         precision = extra_options.get("attn_precision")
         grid = tuple(extra_options.get("activations_shape", extra_options["original_shape"])[-2:])
@@ -90,7 +96,7 @@ class DreamIDIdentityRegions:
                    "together; LoRAs and ControlNets compose with it.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (it is cloned, never changed)."}),
@@ -112,7 +118,9 @@ class DreamIDIdentityRegions:
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
-    def apply(self, model, clip, text, id_embeds, trigger, mask=None, **extra):
+    def apply(self, model: ModelPatcher, clip: CLIP, text: str, id_embeds: IdentityEmbeds, trigger: str,
+              mask: torch.Tensor | None = None,
+              **extra: IdentityEmbeds | str | torch.Tensor) -> tuple[ModelPatcher, list[list]]:
         people = [(check_trigger(trigger), id_embeds, mask, "mask")]
         for i in range(2, MAX_PEOPLE + 1):
             embeds = extra.get(f"id_embeds_{i}")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..dreamid_core.faces.keypoints import STYLES, draw_hint, head_mask, place_head, reference_landmarks
 from .adapters.validation import require_finite
+
+if TYPE_CHECKING:
+    from comfy.controlnet import ControlBase
+    from comfy.sd import VAE
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -36,8 +41,8 @@ def _head_floats(more: dict) -> dict:
     return {k: v for k, v in more.items() if k.split("_")[0] in ("x", "y", "head")}
 
 
-def place_heads(width: int, height: int, style: str, face_layout, x: float, y: float, head_size: float,
-                more: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def place_heads(width: int, height: int, style: str, face_layout: dict[str, Any] | None, x: float, y: float,
+                head_size: float, more: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The hint image ``[1, H, W, 3]`` with every head drawn, and one MASK ``[1, H, W]`` per head slot."""
     heads = [(face_layout, x, y, head_size)]
     for i in range(2, MAX_HEADS + 1):
@@ -73,7 +78,7 @@ class DreamIDHeadPlacement:
                    "for DreamID_IdentityRegions. Feed control_image to ComfyUI's Apply ControlNet.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 **_placement_inputs(),
@@ -96,7 +101,9 @@ class DreamIDHeadPlacement:
     FUNCTION = "place"
     CATEGORY = CATEGORY
 
-    def place(self, width, height, x, y, head_size, style, face_layout=None, **more):
+    def place(self, width: int, height: int, x: float, y: float, head_size: float, style: str,
+              face_layout: dict[str, Any] | None = None, **more: float | dict[str, Any]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         require_finite("DreamID_HeadPlacement", x=x, y=y, head_size=head_size, **_head_floats(more))
         image, masks = place_heads(width, height, style, face_layout, x, y, head_size, more)
         return (image, *masks)
@@ -108,7 +115,7 @@ class DreamIDScenePosition:
                    "with ComfyUI's own Apply ControlNet. Use an OpenPose ControlNet for the openpose style.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "positive": ("CONDITIONING", {"tooltip": "Positive conditioning (e.g. from DreamID_InjectIDTokens)."}),
@@ -142,8 +149,11 @@ class DreamIDScenePosition:
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
-    def apply(self, positive, negative, control_net, width, height, x, y, head_size, strength, start_percent,
-              end_percent, style, face_layout=None, vae=None, **more):
+    def apply(self, positive: list[list], negative: list[list], control_net: ControlBase, width: int, height: int,
+              x: float, y: float, head_size: float, strength: float, start_percent: float, end_percent: float,
+              style: str, face_layout: dict[str, Any] | None = None, vae: VAE | None = None,
+              **more: float | dict[str, Any]
+              ) -> tuple[list[list], list[list], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         import nodes as comfy_nodes  # ComfyUI's own nodes module (this pack's folder is <pack>.nodes)
 
         require_finite("DreamID_ScenePosition", x=x, y=y, head_size=head_size, strength=strength,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import folder_paths
 
@@ -11,6 +12,9 @@ from ..dreamid_core import check_trigger, sanitize_name, write_embedding
 from ..dreamid_core.errors import TriggerNotFoundError
 from ..dreamid_core.identities.embeds import IdentityEmbeds
 from .adapters.comfy_tokens import is_common_word, tokenize_with_identities
+
+if TYPE_CHECKING:
+    from comfy.sd import CLIP
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
@@ -38,7 +42,7 @@ class DreamIDInjectIDTokens:
                    f"{MAX_IDENTITIES} people, each with their own trigger.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (SD1.x, SD2.x or SDXL), LoRAs applied or not."}),
@@ -58,7 +62,8 @@ class DreamIDInjectIDTokens:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, clip, id_embeds: IdentityEmbeds, text, trigger, **extra):
+    def encode(self, clip: CLIP | None, id_embeds: IdentityEmbeds, text: str, trigger: str,
+               **extra: IdentityEmbeds | str) -> dict[str, Any]:
         if clip is None:
             raise RuntimeError("the clip input is None: this checkpoint has no text encoder. Load one with a "
                                "CLIPLoader node and connect it here.")
@@ -93,7 +98,7 @@ class DreamIDSaveIDEmbedding:
                    "node in the graph.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "id_embeds": ("DREAMID_EMBEDS", {"tooltip": "S* from DreamID_EncodeFace (its strength is kept)."}),
@@ -111,7 +116,7 @@ class DreamIDSaveIDEmbedding:
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
 
-    def save(self, id_embeds: IdentityEmbeds, name, overwrite):
+    def save(self, id_embeds: IdentityEmbeds, name: str, overwrite: bool) -> dict[str, Any]:
         if id_embeds.num_tokens == 0:
             raise ValueError("this identity has no vectors (strength 0 switches it off), so there is nothing to save; "
                              "set strength above 0 in DreamID_EncodeFace.")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import comfy.ldm.modules.attention as comfy_attention
 import torch
@@ -24,12 +25,15 @@ import torch
 from ...dreamid_core.learning.attention_loss import attention_output, attention_probs
 from ...dreamid_core.learning.stages import UNetLayout, layout_from_unet_config, stage_for_block, stage_for_timestep
 
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
-def attention_blocks(model_patcher) -> list[tuple[str, int]]:
+
+def attention_blocks(model_patcher: ModelPatcher) -> list[tuple[str, int]]:
     """ComfyUI block ids (``("input", 1)``, ``("middle", 0)``, ``("output", 3)``) holding cross-attention."""
     dm = model_patcher.model.diffusion_model
 
-    def has_attn(module) -> bool:
+    def has_attn(module: torch.nn.Module) -> bool:
         return any(getattr(m, "attn2", None) is not None for m in module.modules())
 
     blocks = [("input", i) for i, b in enumerate(dm.input_blocks) if has_attn(b)]
@@ -42,18 +46,18 @@ def attention_blocks(model_patcher) -> list[tuple[str, int]]:
     return blocks
 
 
-def unet_layout(model_patcher) -> UNetLayout:
+def unet_layout(model_patcher: ModelPatcher) -> UNetLayout:
     return layout_from_unet_config(model_patcher.model.model_config.unet_config)
 
 
-def unused_unet_stages(model_patcher, num_stages: int) -> list[int]:
+def unused_unet_stages(model_patcher: ModelPatcher, num_stages: int) -> list[int]:
     """Stages no cross-attention block maps to under ``stage_kind="unet"`` (more stages than UNet units)."""
     layout = unet_layout(model_patcher)
     used = {stage_for_block(b, num_stages, layout) for b in attention_blocks(model_patcher)}
     return [s for s in range(num_stages) if s not in used]
 
 
-def stage_selector(model_patcher, num_stages: int, stage_kind: str) -> Callable[[dict, int], int]:
+def stage_selector(model_patcher: ModelPatcher, num_stages: int, stage_kind: str) -> Callable[[dict, int], int]:
     """``select(extra_options, row) -> stage`` for the chunk that starts at batch row ``row``."""
     if stage_kind == "unet":
         layout = unet_layout(model_patcher)
@@ -97,7 +101,8 @@ class PerStagePatch:
             raise ValueError(f"need one key and one value context per stage, got {len(keys)} and {len(values)}")
         self.keys, self.values, self.select = list(keys), list(values), select
 
-    def __call__(self, n, context_attn2, value_attn2, extra_options):
+    def __call__(self, n: torch.Tensor, context_attn2: torch.Tensor, value_attn2: torch.Tensor | None,
+                 extra_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         kinds = list(extra_options.get("cond_or_uncond") or [0])
         if 0 not in kinds:
             return n, context_attn2, value_attn2
@@ -114,7 +119,7 @@ class PerStagePatch:
 class TrainKV:
     """attn2_patch: the learner's per-stage key / value contexts (see the module docstring)."""
 
-    def __init__(self, model_patcher) -> None:
+    def __init__(self, model_patcher: ModelPatcher) -> None:
         self.layout = unet_layout(model_patcher)
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
@@ -125,7 +130,8 @@ class TrainKV:
     def clear(self) -> None:
         self.keys = self.values = None
 
-    def __call__(self, n, context_attn2, value_attn2, extra_options):
+    def __call__(self, n: torch.Tensor, context_attn2: torch.Tensor, value_attn2: torch.Tensor | None,
+                 extra_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.keys is None:
             return n, context_attn2, value_attn2
         s = 0 if self.keys.shape[0] == 1 else stage_for_block(tuple(extra_options["block"][:2]), self.keys.shape[0],
@@ -146,7 +152,7 @@ class AttentionRecorder:
         self.maps = []
         self.recording = self.collecting = bool(record)
 
-    def __call__(self, q, k, v, extra_options):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]) -> torch.Tensor:
         heads = extra_options["n_heads"]
         if self.recording and (self.max_queries is None or q.shape[1] <= self.max_queries):
             probs = attention_probs(q, k, heads)  # [B, heads, HW, T] float32
@@ -160,6 +166,6 @@ class AttentionRecorder:
         return maps
 
 
-def add_recorder(model_patcher, recorder: AttentionRecorder) -> None:
+def add_recorder(model_patcher: ModelPatcher, recorder: AttentionRecorder) -> None:
     for block_name, number in attention_blocks(model_patcher):
         model_patcher.set_model_attn2_replace(recorder, block_name, number)

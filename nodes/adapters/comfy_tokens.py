@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from comfy import sd1_clip
@@ -18,7 +19,10 @@ from comfy import sd1_clip
 from ...dreamid_core.errors import IncompatibleEncoderError
 from ...dreamid_core.identities.embeds import fit_parts
 from ...dreamid_core.identities.families import SUPPORTED, check_word_identities, family_of
-from ...dreamid_core.identities.tokens import ChunkLayout, tokenize_prompt
+from ...dreamid_core.identities.tokens import ChunkLayout, TokenizePiece, tokenize_prompt
+
+if TYPE_CHECKING:
+    from comfy.sd import CLIP
 
 
 @dataclass
@@ -30,7 +34,7 @@ class IdentityPrompt:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def text_encoder(clip, key: str):
+def text_encoder(clip: CLIP, key: str) -> tuple[sd1_clip.SDTokenizer, sd1_clip.SDClipModel]:
     """ComfyUI's tokenizer and text model for the token-dict key ``key`` ("l", "h", "g", "t5xxl"): the
     tokenizer objects are attributes ``clip_<key>`` (CLIP towers) or ``<key>`` (T5) of ``clip.tokenizer``, the
     models the same of ``clip.cond_stage_model``."""
@@ -44,18 +48,18 @@ def text_encoder(clip, key: str):
         f"word identities work on {SUPPORTED}.")
 
 
-def part_key(clip, key: str) -> str:
+def part_key(clip: CLIP, key: str) -> str:
     """The identity part (ComfyUI's ``embedding_key``) of token-dict key ``key``: "clip_l", …, "t5xxl"."""
     tok, _ = text_encoder(clip, key)
     return str(getattr(tok, "embedding_key", f"clip_{key}"))
 
 
-def embedding_width(clip, key: str) -> int:
+def embedding_width(clip: CLIP, key: str) -> int:
     _, model = text_encoder(clip, key)
     return int(model.transformer.get_input_embeddings().weight.shape[1])
 
 
-def tokenizer_keys(clip) -> list[str]:
+def tokenizer_keys(clip: CLIP) -> list[str]:
     """The CLIP's token-dict keys in ComfyUI's order (SD1 ["l"], SD2 ["h"], SDXL ["g", "l"], FLUX ["l", "t5xxl"]);
     refused (naming the family and what works) when one of its text encoders cannot take a word identity."""
     keys = list(clip.tokenize("").keys())
@@ -63,7 +67,7 @@ def tokenizer_keys(clip) -> list[str]:
     return keys
 
 
-def part_widths(clip) -> dict[str, int]:
+def part_widths(clip: CLIP) -> dict[str, int]:
     """``{part key: word-embedding width}`` of every text encoder of the CLIP."""
     return {part_key(clip, k): embedding_width(clip, k) for k in tokenizer_keys(clip)}
 
@@ -73,7 +77,7 @@ def part_widths(clip) -> dict[str, int]:
 COMMON_TOKEN_LIMIT = 15000
 
 
-def is_common_word(clip, trigger: str) -> bool:
+def is_common_word(clip: CLIP, trigger: str) -> bool:
     """True when ``trigger`` is one frequent whole-word token of the CLIP BPE (an ordinary word)."""
     tok, _ = text_encoder(clip, tokenizer_keys(clip)[0])
     if "CLIP" not in type(tok.tokenizer).__name__:
@@ -83,7 +87,7 @@ def is_common_word(clip, trigger: str) -> bool:
     return len(ids) == 1 and trigger.isalpha() and int(ids[0]) < COMMON_TOKEN_LIMIT
 
 
-def _layout(tok, options: Mapping) -> ChunkLayout:
+def _layout(tok: sd1_clip.SDTokenizer, options: Mapping[str, Any]) -> ChunkLayout:
     key = getattr(tok, "embedding_key", "")
     return ChunkLayout(
         start_token=tok.start_token, end_token=tok.end_token, pad_token=tok.pad_token,
@@ -94,14 +98,14 @@ def _layout(tok, options: Mapping) -> ChunkLayout:
         pad_left=bool(getattr(tok, "pad_left", False)))
 
 
-def _segments(tok, text: str) -> list[tuple[str, float]]:
+def _segments(tok: sd1_clip.SDTokenizer, text: str) -> list[tuple[str, float]]:
     """ComfyUI's own prompt-weight parsing, as its tokenizer does it before looking at words."""
     if getattr(tok, "disable_weights", False):
         return [(text, 1.0)]
     return [(sd1_clip.unescape_important(s), w) for s, w in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0)]
 
 
-def _piece_tokenizer(tok):
+def _piece_tokenizer(tok: sd1_clip.SDTokenizer) -> TokenizePiece:
     """A text piece -> its word groups, by ComfyUI's tokenizer itself (so ``embedding:other`` in the
     piece is found as ComfyUI finds it); groups are read back from the word ids it assigns."""
 
@@ -121,8 +125,8 @@ def _piece_tokenizer(tok):
     return tokenize_piece
 
 
-def tokenize_with_identities(clip, text: str, identities: Mapping[str, Mapping[str, torch.Tensor]], *,
-                             require: bool = True) -> tuple[dict, IdentityPrompt]:
+def tokenize_with_identities(clip: CLIP, text: str, identities: Mapping[str, Mapping[str, torch.Tensor]], *,
+                             require: bool = True) -> tuple[dict[str, list[list[tuple]]], IdentityPrompt]:
     """``clip.tokenize(text)`` with every trigger of ``identities`` replaced by its k vectors.
 
     ``identities``: trigger -> ``{"clip_l": [k, D], ...}`` (k = 0 switches the identity off: the trigger

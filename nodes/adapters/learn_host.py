@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -39,10 +41,16 @@ from ...dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
 
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP, VAE
+
+    from ...dreamid_core.faces.pipeline import FaceResult
+
 logger = logging.getLogger(__name__)
 
 
-def prediction_kind(sampling) -> str:
+def prediction_kind(sampling: torch.nn.Module) -> str:
     """"eps", "v" or "flow" from a ComfyUI ``model_sampling`` object; other kinds are refused."""
     ms = comfy.model_sampling
     if isinstance(sampling, ms.V_PREDICTION):
@@ -56,7 +64,7 @@ def prediction_kind(sampling) -> str:
                      "v-prediction and flow models")
 
 
-def _unet_blocks(patcher) -> list[torch.nn.Module]:
+def _unet_blocks(patcher: ModelPatcher) -> list[torch.nn.Module]:
     dm = patcher.model.diffusion_model
     return [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
 
@@ -64,7 +72,7 @@ def _unet_blocks(patcher) -> list[torch.nn.Module]:
 class ComfyHost:
     """``LearnHost`` over a MODEL and a CLIP (see the module docstring)."""
 
-    def __init__(self, model, clip, *, gradient_checkpointing: bool = False, offload: bool = False,
+    def __init__(self, model: ModelPatcher, clip: CLIP, *, gradient_checkpointing: bool = False, offload: bool = False,
                  max_queries: int | None = 1024) -> None:
         self.mp, self.clip = model.clone(), clip.clone()
         self.sampling = self.mp.get_model_object("model_sampling")
@@ -113,11 +121,11 @@ class ComfyHost:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         """The shared modules as the user gave them (for sampling a preview mid-run), then open again."""
         self.close()
         try:
@@ -134,7 +142,7 @@ class ComfyHost:
             stack.close()
 
     @contextlib.contextmanager
-    def _checkpointed_blocks(self):
+    def _checkpointed_blocks(self) -> Iterator[None]:
         """Gradient checkpointing per UNet layer (ResBlock, SpatialTransformer, up/downsample): ComfyUI runs a
         block's layers one by one (``forward_timestep_embed``), so that is where ``forward`` is replaced, for the
         duration only. A transformer layer gets a snapshot of ``transformer_options``: ComfyUI advances its
@@ -142,10 +150,12 @@ class ComfyHost:
         see the values of its own forward (the attention patches are chosen by them)."""
         layers = [layer for block in _unet_blocks(self.mp) for layer in block]
 
-        def plain(*a, _f, **k):
+        def plain(*a: Any, _f: Callable[..., torch.Tensor], **k: Any) -> torch.Tensor:
             return torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
 
-        def transformer(x, context=None, transformer_options=None, *a, _f, **k):
+        def transformer(x: torch.Tensor, context: torch.Tensor | None = None,
+                        transformer_options: dict[str, Any] | None = None, *a: Any, _f: Callable[..., torch.Tensor],
+                        **k: Any) -> torch.Tensor:
             options = dict(transformer_options or {})
             return torch.utils.checkpoint.checkpoint(_f, x, context, options, *a, use_reentrant=False, **k)
 
@@ -159,7 +169,7 @@ class ComfyHost:
                 layer.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def _streamed_layers(self):
+    def _streamed_layers(self) -> Iterator[None]:
         """Offloading: linear and conv layers keep nothing for backward; their weight is cast again there."""
         wrapped = []
         try:
@@ -172,7 +182,8 @@ class ComfyHost:
                     continue
                 inner = m.forward
 
-                def fwd(x, _f=inner, _m=m, _k=kind):
+                def fwd(x: torch.Tensor, _f: Callable[[torch.Tensor], torch.Tensor] = inner,
+                        _m: torch.nn.Linear | torch.nn.Conv2d = m, _k: tuple = kind) -> torch.Tensor:
                     return input_grad_only(x, _f, lambda g, _m=_m: comfy.ops.cast_bias_weight(_m, g)[0], _k)
 
                 m.forward = fwd
@@ -227,7 +238,8 @@ class ComfyHost:
         x_t = self.sampling.noise_scaling(sigma, noise, x0, max_denoise=False)
         return Noised(x0=x0, x_t=x_t, sigma=sigma, t=t)
 
-    def denoise(self, noised: Noised, cond: Conditioning, record: bool = False):
+    def denoise(self, noised: Noised, cond: Conditioning, record: bool = False
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x_t = noised.x_t
         B = x_t.shape[0]
         to = dict(self.mp.model_options["transformer_options"])
@@ -254,7 +266,8 @@ class ComfyHost:
         return attention_blocks(self.mp)
 
 
-def encode_photos(vae, host: ComfyHost, images: torch.Tensor, faces, resolution: int, cancel=None) -> PhotoSet:
+def encode_photos(vae: VAE, host: ComfyHost, images: torch.Tensor, faces: Sequence[FaceResult], resolution: int,
+                  cancel: Callable[[], None] | None = None) -> PhotoSet:
     """The faces' squares (``dreamid_core.learning.face_squares``, the command line's pixels too), encoded
     once, photo by photo, by ComfyUI's VAE into the model's latent space."""
     pixels, crops = face_squares(images, faces, resolution)  # [N, R, R, 3] 0..1

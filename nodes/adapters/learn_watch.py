@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import comfy.sample
 import numpy as np
@@ -25,6 +26,10 @@ from PIL import Image, ImageDraw
 from ...dreamid_core.identities.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
 from .per_stage import apply_per_stage
 from .validation import NodeInputError
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP, VAE
 
 logger = logging.getLogger(__name__)
 PREVIEW_STEPS = 12
@@ -47,12 +52,13 @@ def label(image: torch.Tensor, text: str) -> torch.Tensor:
 class Previews:
     """Renders and collects previews (see the module docstring)."""
 
-    def __init__(self, model, clip, vae, prompt: str, *, every: int, seed: int, resolution: int) -> None:
+    def __init__(self, model: ModelPatcher, clip: CLIP, vae: VAE, prompt: str, *, every: int, seed: int,
+                 resolution: int) -> None:
         self.model, self.clip, self.vae, self.prompt = model, clip, vae, prompt
         self.every, self.seed, self.resolution = every, seed, resolution
         self.images: list[torch.Tensor] = []
         self.steps: list[int] = []
-        self._negative = None
+        self._negative: list[list] | None = None
 
     def due(self, step: int, total: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == total)

@@ -3,10 +3,16 @@ the learner's previews), and the S* that stands for a per-stage identity where o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ...dreamid_core.identities.embeds import IdentityEmbeds
 from ...dreamid_core.identities.learned_identity import LearnedIdentity
 from .attention_patches import PerStagePatch, stage_selector
 from .comfy_tokens import part_key, tokenize_with_identities, tokenizer_keys
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP
 
 
 def representative_embeds(ident: LearnedIdentity) -> IdentityEmbeds:
@@ -20,12 +26,13 @@ def representative_embeds(ident: LearnedIdentity) -> IdentityEmbeds:
                                              "from_per_stage": f"stage {s} key"})
 
 
-def clip_single_key(clip) -> str | None:
+def clip_single_key(clip: CLIP | None) -> str | None:
     keys = tokenizer_keys(clip) if clip is not None else []
     return part_key(clip, keys[0]) if len(keys) == 1 else None
 
 
-def apply_per_stage(model, clip, ident: LearnedIdentity, text: str, trigger: str):
+def apply_per_stage(model: ModelPatcher, clip: CLIP, ident: LearnedIdentity, text: str,
+                    trigger: str) -> tuple[ModelPatcher, list[list]]:
     """(MODEL clone with the per-stage attn2 patch for ``text``, the positive CONDITIONING)."""
     S = ident.config.num_stages if ident.layout == "per_stage" else 1
     contexts = {}
