@@ -296,6 +296,7 @@ class DreamIDLearnIdentity:
                         done = i + 1
                         preview = None
                         if previews.due(done, steps):
+                            cancel()  # a preview costs a few steps' time: a Cancel before it is not kept waiting
                             with host.paused():
                                 _, pil = previews.render(learner.identity(), done)
                             preview = ("JPEG", pil, PREVIEW_MAX_SIDE)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ class FrozenWeights:
             logger.info("frozen weights: %.1f MiB copied once (no alias possible)", self.copied_bytes / 2**20)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for slots, name, original, new in reversed(self._saved):
             if slots.get(name) is new:
                 slots[name] = original
@@ -89,13 +90,14 @@ class FrozenWeights:
 
 class _InputGradOnly(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, forward, weight, kind):
+    def forward(ctx: Any, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+                weight: Callable[[torch.Tensor], torch.Tensor], kind: tuple) -> torch.Tensor:
         ctx.forward, ctx.weight, ctx.kind, ctx.shape = forward, weight, kind, x.shape
         with torch.no_grad():
             return forward(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         with torch.no_grad():
             w = ctx.weight(grad)
             if ctx.kind[0] == "linear":

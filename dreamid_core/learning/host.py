@@ -25,8 +25,9 @@ And tells: ``keys`` (the S* part keys, e.g. ``("clip_l", "clip_g")``), ``family`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -84,14 +85,15 @@ class _Recompute(torch.autograd.Function):
     """``fn(*tensors)`` run without a graph; the backward pass runs it again with one (checkpointing)."""
 
     @staticmethod
-    def forward(ctx, fn, *tensors):
+    def forward(ctx: Any, fn: Callable[..., tuple[torch.Tensor, ...]], *tensors: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
         ctx.fn = fn
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
             return fn(*tensors)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
         with torch.enable_grad():
             outs = ctx.fn(*inputs)
@@ -107,7 +109,7 @@ def encode_recomputed(host: LearnHost, prompt: str, vectors: dict[str, torch.Ten
     keys = list(vectors)
     seen: dict[str, Encoded] = {}
 
-    def fn(*vecs):
+    def fn(*vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         enc = host.encode(prompt, dict(zip(keys, vecs, strict=True)))
         seen["enc"] = enc
         pooled = enc.pooled if enc.pooled is not None else enc.context.new_zeros(0)

@@ -39,13 +39,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..identities.embeds import fit_parts
 from ..identities.learned_identity import IdentityConfig, LearnedIdentity, ResumeState
 from .attention_loss import face_attention_loss, face_mass, resize_mask
-from .host import Conditioning, LearnHost, encode_recomputed
+from .host import Conditioning, LearnHost, Noised, encode_recomputed
 from .init import start_tensors
 from .loss import prediction_error
 from .photos import PhotoSet
@@ -178,7 +179,7 @@ class IdentityLearner:
 
     # -- one step -------------------------------------------------------------------------------------
 
-    def _draw(self, gen: torch.Generator, masks: bool):
+    def _draw(self, gen: torch.Generator, masks: bool) -> tuple[Noised, torch.Tensor | None, list[int]]:
         opts, host = self.options, self.host
         x0, face = self.photos.draw(gen, opts.batch_size, augment=opts.augment, scale_jitter=opts.scale_jitter,
                                     flip_p=opts.flip_p, masks=masks)  # [B, C, h, w], [B, h, w]
@@ -315,7 +316,7 @@ class IdentityLearner:
     def vectors(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.params.items()}
 
-    def identity(self, resume: dict | None = None, **extra) -> LearnedIdentity:
+    def identity(self, resume: dict | None = None, **extra: Any) -> LearnedIdentity:
         """The identity so far; ``resume`` (the run's settings) makes it a snapshot that can be continued."""
         norms = {"norms": self.norms(), "vocabulary_norm": {k: round(v, 5) for k, v in self.vocabulary_norm.items()}}
         config = dataclasses.replace(self.config, extra={**self.config.extra, **norms, **extra})

@@ -33,7 +33,7 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _mallinfo2():
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         fn = libc.mallinfo2
@@ -85,7 +85,7 @@ class SavedTensors:
         self._hooks.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
         self._observing.__exit__(*exc)
 

@@ -38,7 +38,7 @@ def face_square(w: int, h: int, box: Sequence[float]) -> tuple[int, int, int]:
     return x0, y0, side
 
 
-def _float_photo(photo) -> torch.Tensor:
+def _float_photo(photo: np.ndarray | torch.Tensor) -> torch.Tensor:
     t = photo if isinstance(photo, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(photo))
     if t.dtype == torch.uint8:
         return t.float() / 255.0

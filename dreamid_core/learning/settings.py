@@ -16,9 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, DreamIDError
 from .prompts import TEMPLATES
+
+if TYPE_CHECKING:
+    from ..identities.learned_identity import IdentityConfig
 
 
 class LearnSettingsError(ConfigError):
@@ -55,7 +59,7 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_settings(config, options: RunOptions, resolution_multiple: int | None = None) -> None:
+def check_settings(config: IdentityConfig, options: RunOptions, resolution_multiple: int | None = None) -> None:
     """Raise :class:`LearnSettingsError` for the first setting that cannot work (see the module docstring).
     ``resolution_multiple`` None (before a model is loaded): the VAE's factor 8 only."""
     steps, lr, weight = config.steps, config.lr, config.attn_weight
