@@ -115,7 +115,7 @@ def test_errors_name_the_node_and_the_fix(comfy_server, server_files):
     p = fresh(portrait(comfy_server))
     for k in nodes_of(p, "DreamIDTest_TinyCLIP"):
         p[k]["inputs"].update(kind="sd1", width=64)  # an SD1 CLIP with an SD2 encoder
-    assert re.search(r"made for \['clip_h'\].*has clip_l", error_of(comfy_server, p, "DreamID_InjectIDTokens"))
+    assert re.search(r"vectors for \['clip_h'\].*needs \['clip_l'\]", error_of(comfy_server, p, "DreamID_InjectIDTokens"))
 
     p = fresh(portrait(comfy_server))
     p[the(p, "DreamID_LoadIDEncoder")]["inputs"]["face_detector"] = "insightface/antelopev2"
