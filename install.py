@@ -38,7 +38,7 @@ FACENET = "facenet-pytorch==2.6.0"
 def _runtime():
     """dreamid_core/faces/runtime.py on its own (stdlib only): the onnxruntime flavour list lives there.
     Loaded by path so this script does not import the package (and torch) before it is installed."""
-    path = Path(__file__).resolve().parent / "dreamid_core" / "runtime.py"
+    path = Path(__file__).resolve().parent / "dreamid_core" / "faces" / "runtime.py"
     spec = importlib.util.spec_from_file_location("dreamid_install_runtime", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -133,3 +133,14 @@ def test_install_decides_by_a_usable_gpu_not_by_the_torch_build(monkeypatch):
     assert install.plan({}, cuda, True)[0] == ["install", "onnxruntime"]
     fake.cuda.is_available = lambda: True
     assert install.gpu_usable()[0]
+
+
+def test_install_script_runs_on_its_own():
+    """install.py loads the onnxruntime helpers by path (before the package can be imported): the path exists
+    and the dry run works in a fresh process."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "install.py"), "--dry-run"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "onnxruntime now:" in out.stderr
