@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -227,6 +228,13 @@ def flops(loop) -> float:
         loss = loop.loss()
         loss.backward()
     return fc.get_total_flops()
+
+
+def _cell(value: float | None, width: int) -> str:
+    """One table cell: the figure, or '-' where it was not measured."""
+    if value is None or math.isnan(value):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}.1f}"
 
 
 def _proc_kib(field: str) -> int:
@@ -482,14 +490,19 @@ def main(argv=None) -> int:
     held_label = "held MiB (fwd->bwd)" if device.type == "cpu" else "peak MiB"
     print(f"{'loop':<30}{unit:>12}{held_label:>22}{'GFLOP/step':>12}{'RSS growth MiB':>16}")
     for n in loops:
-        print(f"{n:<30}{best[n]:>12.2f}{mem[n]:>22.1f}{fl[n] / 1e9:>12.1f}{rss.get(n, float('nan')):>16.1f}")
+        print(f"{n:<30}{best[n]:>12.2f}{_cell(mem[n], 22)}{_cell(fl[n] / 1e9, 12)}{_cell(rss.get(n), 16)}")
+    if math.isnan(sum(fl.values())):
+        print("  GFLOP '-': torch's counter cannot trace recomputed (checkpointed) regions")
+    if not rss:
+        print("  RSS growth '-': not measured; pass --rss (CPU, Linux) for one child process per loop")
     pairs = [("node TI", "reference TI")] + [(n, "reference TI + class forward") for n in loops
                                               if n.startswith("node") and n != "node TI"]
     print("ratios to the reference (goal: time <= 1.15x, memory growth <= 1.1x):")
     for ours, ref in pairs:
         if ours in loops and ref in loops:
-            line = (f"  {ours} / {ref}: time {best[ours] / best[ref]:.2f}x, held {mem[ours] / mem[ref]:.2f}x, "
-                    f"FLOPs {fl[ours] / fl[ref]:.2f}x")
+            line = f"  {ours} / {ref}: time {best[ours] / best[ref]:.2f}x, held {mem[ours] / mem[ref]:.2f}x"
+            if not math.isnan(fl[ours]):
+                line += f", FLOPs {fl[ours] / fl[ref]:.2f}x"
             if ours in rss and ref in rss and rss[ref] > 0:
                 line += f", RSS growth {rss[ours] / rss[ref]:.2f}x"
             print(line)
