@@ -88,13 +88,35 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("name", list(COMMANDS))
-def test_command_bad_argument_exits_2_with_one_line(name, tmp_path):
-    bad_json = tmp_path / "bad.json"
+def _run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command at once and wait for all: each process spends most of its time importing torch,
+    so on a few cores they overlap instead of queueing (each test then checks its own process)."""
+    procs = {name: subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, argv in commands.items()}
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+@pytest.fixture(scope="module")
+def bad_argument_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad_arguments")
+    bad_json = tmp / "bad.json"
     bad_json.write_text("{not json", encoding="utf-8")  # a ValueError (json), not a DreamIDError
-    missing = tmp_path / "missing_file"
-    argv = [a.format(missing=missing, tmp=tmp_path, bad_json=bad_json) for a in COMMANDS[name]]
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    missing = tmp / "missing_file"
+    argvs = {name: [a.format(missing=missing, tmp=tmp / name.replace(" ", "_"), bad_json=bad_json) for a in argv]
+             for name, argv in COMMANDS.items()}
+    for name in COMMANDS:
+        (tmp / name.replace(" ", "_")).mkdir()
+    return _run_all(argvs), bad_json, missing
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_command_bad_argument_exits_2_with_one_line(name, bad_argument_runs):
+    runs, bad_json, missing = bad_argument_runs
+    proc = runs[name]
     assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, proc.stderr[-3000:]
@@ -116,9 +138,14 @@ HELP = {  # command: an option default that --help must show
 }
 
 
+@pytest.fixture(scope="module")
+def help_runs():
+    return _run_all({name: ["-m", name, "--help"] for name in HELP})
+
+
 @pytest.mark.parametrize("name", list(HELP))
-def test_help_shows_defaults_and_no_markup(name):
-    proc = subprocess.run([sys.executable, "-m", name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_help_shows_defaults_and_no_markup(name, help_runs):
+    proc = help_runs[name]
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
     assert "(default: None)" not in text and "default: False" not in text, text  # nothing to show is not shown

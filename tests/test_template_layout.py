@@ -29,9 +29,21 @@ PORTRAIT = WORKFLOWS[0].parent / "dreamid_portrait_sd21.json"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
-def test_no_two_nodes_overlap_after_loading(templates_in_app, browser_page, path):
-    found = overlaps(templates_in_app.load(path))
-    assert not found, f"{path.name} (frontend {frontend_version(browser_page)}) overlapping nodes:\n" + "\n".join(found)
+def test_after_loading_no_node_overlaps_and_every_note_shows_all_its_text(templates_in_app, browser_page, path):
+    # one load per template for the three checks of what the artist sees first (a load costs ~1 s)
+    boxes = templates_in_app.load(path)
+    version = frontend_version(browser_page)
+    found = overlaps(boxes)
+    assert not found, f"{path.name} (frontend {version}) overlapping nodes:\n" + "\n".join(found)
+    notes = {b["id"]: dom_widget_on_screen(browser_page, b["id"]) for b in boxes if b["type"] in NOTE_TYPES}
+    assert notes, f"{path.name} has no note"
+    for node_id, note in notes.items():  # on screen, and nothing of it behind a scroll bar
+        assert note and note["visible"], f"{path.name}: note {node_id} is not shown: {note}"
+        assert note["overflow"] <= 2, f"{path.name} (frontend {version}): note {node_id} needs {note['overflow']} px more"
+    if path in NEED_ENCODER:  # the templates that need the encoder say on the canvas how it is made
+        words = (ENCODER_FILE, "python -m training.train", "python -m training.export", "models/dreamidentity/")
+        said = [n for n in notes.values() if n and n["visible"] and all(w in n["shown"] for w in words)]
+        assert said, f"{path.name}: no note on the canvas names {words}: {list(notes.values())}"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
@@ -40,26 +52,6 @@ def test_no_two_nodes_overlap_after_a_run(templates_in_app, comfy_server, browse
     assert run.result["status"] == "success", f"{path.name}: {run.result}\n{comfy_server.log_tail()}"
     found = overlaps(run.ran, ignore=run.added)  # the tiny CLIP the test added sits apart, left of the graph
     assert not found, f"{path.name} (frontend {frontend_version(browser_page)}) after a run:\n" + "\n".join(found)
-
-
-@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
-def test_every_note_shows_all_its_text(templates_in_app, browser_page, path):
-    boxes = templates_in_app.load(path)
-    notes = {b["id"]: dom_widget_on_screen(browser_page, b["id"]) for b in boxes if b["type"] in NOTE_TYPES}
-    assert notes, f"{path.name} has no note"
-    for node_id, note in notes.items():  # on screen, and nothing of it behind a scroll bar
-        assert note and note["visible"], f"{path.name}: note {node_id} is not shown: {note}"
-        assert note["overflow"] <= 2, \
-            f"{path.name} (frontend {frontend_version(browser_page)}): note {node_id} needs {note['overflow']} px more"
-
-
-@pytest.mark.parametrize("path", NEED_ENCODER, ids=[p.stem for p in NEED_ENCODER])
-def test_templates_needing_the_encoder_say_how_it_is_made_on_the_canvas(templates_in_app, browser_page, path):
-    boxes = templates_in_app.load(path)
-    shown = [dom_widget_on_screen(browser_page, b["id"]) for b in boxes if b["type"] in NOTE_TYPES]
-    words = (ENCODER_FILE, "python -m training.train", "python -m training.export", "models/dreamidentity/")
-    said = [s for s in shown if s and s["visible"] and all(w in s["shown"] for w in words)]
-    assert said, f"{path.name}: no note on the canvas names {words}: {shown}"
 
 
 def test_missing_encoder_is_listed_under_its_folder_with_no_download(templates_in_app, comfy_server, browser_page):
