@@ -28,7 +28,7 @@ from ..dreamid_core.encoder.identity import parts_from_crops
 from ..dreamid_core.faces.detectors import make_detector
 from ..dreamid_core.faces.pipeline import ON_MISSING, FacePipeline, FaceResult
 from ..dreamid_core.identities.embeds import IdentityEmbeds, fit_parts
-from ..dreamid_core.identities.families import UNET_FAMILIES, family_of
+from ..dreamid_core.identities.families import DIT_FAMILIES, UNET_FAMILIES, family_name, family_of
 from ..dreamid_core.identities.learned_identity import LAYOUTS, NORMS, STAGE_KINDS, IdentityConfig, LearnedIdentity
 from ..dreamid_core.identities.trigger import find_triggers
 from ..dreamid_core.learning import (
@@ -41,6 +41,7 @@ from ..dreamid_core.learning import (
 )
 from ..dreamid_core.learning.resume import check_resume
 from .adapters.comfy_tokens import part_widths
+from .adapters.dit_model import expected_widths, is_dit, model_family
 from .adapters.learn_host import ComfyHost, encode_photos
 from .adapters.learn_watch import PREVIEW_MAX_SIDE, Previews, Snapshots
 from .adapters.loss_plot import loss_curve_image
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
 NODE = "DreamID_LearnIdentity"
-LEARNABLE = UNET_FAMILIES
+LEARNABLE = UNET_FAMILIES + DIT_FAMILIES
 PREVIEW_PROMPT = "a portrait photo of S*, looking at the camera"
 _PIPELINE: dict[str, FacePipeline] = {}
 
@@ -83,18 +84,51 @@ def check_models(model: ModelPatcher | None, clip: CLIP | None, vae: VAE | None)
                              "photos are encoded into latents with it.")
     widths = part_widths(clip)
     family = family_of(widths)
+    clip_desc = f"this CLIP ({family_name(family)}, {type(clip.cond_stage_model).__name__}, text encoders " \
+                f"{', '.join(f'{k} {w}' for k, w in widths.items())})"
     if family not in LEARNABLE:
-        raise NodeInputError(f"{NODE}: this CLIP is {family} ({type(clip.cond_stage_model).__name__}, text encoders "
-                             f"{sorted(widths)}); learning an identity works on {', '.join(LEARNABLE)} checkpoints "
-                             "(SD1.x, SD2.x, SDXL). Identities of other families load and apply, see the README.")
-    want = model.model.model_config.unet_config.get("context_dim")
-    got = sum(widths.values())
-    if want is not None and int(got) != int(want):
+        raise NodeInputError(f"{NODE}: {clip_desc} cannot learn an identity; learning works on "
+                             f"{', '.join(family_name(f) for f in LEARNABLE)} checkpoints. Identities of other "
+                             "families load and apply, see the README.")
+    model_fam = model_family(model)
+    dit_model, dit_clip = is_dit(model), family in DIT_FAMILIES
+    if dit_model != dit_clip or (dit_model and model_fam != family):
+        raise NodeInputError(f"{NODE}: the MODEL is {family_name(model_fam)} but {clip_desc}. Connect the CLIP "
+                             f"that belongs to this MODEL ({family_name(model_fam)}), e.g. from the same "
+                             "checkpoint or a DualCLIPLoader / TripleCLIPLoader of that type.")
+    want = expected_widths(model)
+    if want is not None:  # a DiT: each text input has its own width
+        got = dict(widths)
+        if "clip_l+clip_g" in want:
+            got["clip_l+clip_g"] = widths.get("clip_l", 0) + widths.get("clip_g", 0)
+        bad = {k: (w, got.get(k)) for k, w in want.items() if got.get(k) != w}
+        if bad:
+            raise NodeInputError(
+                f"{NODE}: the MODEL ({family_name(model_fam)}) reads " + ", ".join(
+                    f"{k} {w} wide" for k, (w, _) in bad.items()) + f" but {clip_desc} gives " + ", ".join(
+                    f"{k} {g}" for k, (_, g) in bad.items()) + ". Connect the text encoders of this MODEL.")
+        return family
+    want_ctx = model.model.model_config.unet_config.get("context_dim")
+    got_ctx = sum(widths.values())
+    if want_ctx is not None and int(got_ctx) != int(want_ctx):
         raise NodeInputError(
-            f"{NODE}: the MODEL ({type(model.model.model_config).__name__}) expects text features {want} wide, but "
-            f"this CLIP ({family}, {type(clip.cond_stage_model).__name__}) gives {got}. Connect the MODEL "
-            "and CLIP of the same checkpoint (SD1.x 768, SD2.x 1024, SDXL 2048).")
+            f"{NODE}: the MODEL ({type(model.model.model_config).__name__}) expects text features {want_ctx} wide, "
+            f"but {clip_desc} gives {got_ctx}. Connect the MODEL and CLIP of the same checkpoint (SD1.x 768, "
+            "SD2.x 1024, SDXL 2048).")
     return family
+
+
+def check_dit_settings(family: str, layout: str, attention_loss_weight: float) -> None:
+    """FLUX.1 and SD3 learn words with the diffusion loss (in this version); the rest is refused by name."""
+    if family not in DIT_FAMILIES:
+        return
+    if layout != "words":
+        raise NodeInputError(f"{NODE}: layout {layout!r} is not available on {family_name(family)} yet (it is on "
+                             "SD1.x/SD2.x/SDXL); use layout 'words' (one multi-key embedding file).")
+    if attention_loss_weight > 0:
+        raise NodeInputError(f"{NODE}: attention_loss_weight={attention_loss_weight} - the face-wise attention loss "
+                             f"is not available on {family_name(family)}'s joint attention yet; set "
+                             "attention_loss_weight to 0 (the diffusion loss alone learns the identity).")
 
 
 def _snapshot_of(init_identity: IdentityEmbeds | LearnedIdentity | None) -> LearnedIdentity | None:
@@ -149,7 +183,7 @@ class DreamIDLearnIdentity:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (SD1.x, SD2.x, SDXL); frozen."}),
+                "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1); frozen."}),
                 "clip": ("CLIP", {"tooltip": "The same checkpoint's CLIP; frozen."}),
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the photos are encoded once with it."}),
                 "image": ("IMAGE", {"tooltip": "One or more photos of ONE person (the largest face is used)."}),
@@ -170,7 +204,8 @@ class DreamIDLearnIdentity:
                     "The reference prompt's word ('a photo of person'): the attention loss keeps the other words' "
                     "maps as with it and pulls the identity's attention into the face.")}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": (
-                    "Training size (512 for SD1/SD2, 1024 for SDXL). Photos are cropped square around the face.")}),
+                    "Training size (512 for SD1/SD2, 1024 for SDXL, 512-1024 for FLUX.1/SD3). Photos are cropped square "
+                    "around the face.")}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": (
                     "Photos (augmented) per step; 1 fits artists' cards.")}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": (
@@ -236,6 +271,7 @@ class DreamIDLearnIdentity:
         # -- every cheap check before a photo is looked at --------------------------------------------
         require_finite(NODE, learning_rate=learning_rate, attention_loss_weight=attention_loss_weight)
         family = check_models(model, clip, vae)
+        check_dit_settings(family, layout, attention_loss_weight)
         _intervals(steps, preview_every=preview_every, snapshot_every=snapshot_every, keep_last=keep_last)
         name = _name(name)
         if preview_every and not find_triggers(str(preview_prompt), ["S*"]):
@@ -316,7 +352,7 @@ class DreamIDLearnIdentity:
         vocab = ident.config.extra["vocabulary_norm"]
         notes = [f"{steps - first} steps{f' (resumed at {first})' if first else ''}, loss "
                  f"{history[0]['loss'] if history else float('nan'):.4f} -> {final['loss']:.4f}, face attention "
-                 f"{result.initial.face_mass:.3f} -> {result.final.face_mass:.3f}, {len(photos)} photo(s)"
+                 f"{_mass(result.initial.face_mass)} -> {_mass(result.final.face_mass)}, {len(photos)} photo(s)"
                  + (f", skipped photos {[i for i, _ in report.skipped]} (no face)" if report.skipped else ""),
                  "norms " + "; ".join(f"{k} {min(v):.3f}-{max(v):.3f} (vocabulary median {vocab[k]:.3f})"
                                       for k, v in norms.items())]
@@ -326,6 +362,10 @@ class DreamIDLearnIdentity:
             notes.append(f"snapshots: {', '.join(snaps.label(p) for p in snaps.written[-3:])}")
         return {"ui": {"text": notes}, "result": (ident, representative_embeds(ident), loss_curve_image(history),
                                                    previews.output())}
+
+
+def _mass(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _intervals(steps: int, **values: int) -> None:

@@ -94,7 +94,13 @@ class _InputGradOnly(torch.autograd.Function):
                 weight: Callable[[torch.Tensor], torch.Tensor], kind: tuple) -> torch.Tensor:
         ctx.forward, ctx.weight, ctx.kind, ctx.shape = forward, weight, kind, x.shape
         with torch.no_grad():
-            return forward(x)
+            out = forward(x)
+        if out._is_view() or out is x:
+            # the model may add into this output in place (ComfyUI's FLUX: ``txt += ...``), which autograd
+            # forbids on a view made inside a Function: hand out a plain tensor on the same storage (no copy)
+            plain = torch.empty(0, dtype=out.dtype, device=out.device)
+            out = plain.set_(out.untyped_storage(), out.storage_offset(), out.size(), out.stride())
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:

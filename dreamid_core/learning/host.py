@@ -25,12 +25,14 @@ And tells: ``keys`` (the S* part keys, e.g. ``("clip_l", "clip_g")``), ``family`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from .frozen import copy_saved_activations
 from .prompts import Encoded
 
 
@@ -82,7 +84,8 @@ class LearnHost(Protocol):
 
 
 class _Recompute(torch.autograd.Function):
-    """``fn(*tensors)`` run without a graph; the backward pass runs it again with one (checkpointing)."""
+    """``fn(*tensors)`` run without a graph; the backward pass runs it again with one (checkpointing).
+    Only the inputs that required grad get one in the backward's recomputation."""
 
     @staticmethod
     def forward(ctx: Any, fn: Callable[..., tuple[torch.Tensor, ...]], *tensors: torch.Tensor
@@ -90,17 +93,59 @@ class _Recompute(torch.autograd.Function):
         ctx.fn = fn
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
-            return fn(*tensors)
+            outs = fn(*tensors)
+        # an output the model may add into in place must not be a view made in here (autograd forbids it)
+        return tuple(_plain(o) if o._is_view() or any(o is t for t in tensors) else o for o in outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:],
+                                                                       strict=True)]
         with torch.enable_grad():
             outs = ctx.fn(*inputs)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, *[i.grad for i in inputs])
+        return (None, *[i.grad if i.requires_grad else None for i in inputs])
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A non-view tensor on ``t``'s storage (no copy)."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                               t.stride())
+
+
+def recomputed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` (a transformer block) checkpointed: nothing but its tensor inputs is kept for
+    backward, which runs it again. Each run gets its own copies of the tensor inputs, and the recomputation
+    keeps copies of what it saves, because ComfyUI's DiT blocks add residuals into tensors in place (``txt +=``)
+    that would otherwise change the inputs and saved activations under autograd's feet. Returns what ``fn``
+    returns (a tensor or a tuple of tensors and Nones: SD3's last block gives no text stream)."""
+    slots = [(True, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)] + \
+            [(False, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    single: list[bool] = []
+    nones: list[int] = []
+
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a, k = list(args), dict(kwargs)
+        for (positional, key), t in zip(slots, tensors, strict=True):
+            if positional:
+                a[key] = t.clone()
+            else:
+                k[key] = t.clone()
+        with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
+            out = fn(*a, **k)
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        if not single:
+            single.append(isinstance(out, torch.Tensor))
+            nones.extend(i for i, o in enumerate(outs) if o is None)
+        return tuple(torch.empty(0) if o is None else o for o in outs)
+
+    tensors = [args[key] if positional else kwargs[key] for positional, key in slots]
+    outs = _Recompute.apply(run, *tensors)
+    if single[0]:
+        return outs[0]
+    return tuple(None if i in nones else o for i, o in enumerate(outs))
 
 
 def encode_recomputed(host: LearnHost, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:

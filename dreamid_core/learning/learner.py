@@ -69,7 +69,7 @@ class StepStats:
 @dataclass
 class Measure:
     diffusion: float
-    face_mass: float
+    face_mass: float | None  # None: the host records no attention maps (FLUX.1 / SD3 for now)
 
 
 @dataclass
@@ -79,6 +79,10 @@ class LearnResult:
     initial: Measure | None = None
     final: Measure | None = None
     seconds: float = 0.0
+
+
+def _mass(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 class IdentityLearner:
@@ -287,7 +291,9 @@ class IdentityLearner:
     def measure(self, cancel: Callable[[], None] | None = None) -> Measure:
         """Diffusion loss and face mass on fixed (photo, timestep) pairs (see the module docstring)."""
         opts, host = self.options, self.host
-        times = opts.measure_timesteps
+        # measure_timesteps are on the 1000-step scale of SD; a model with another table (FLUX's 10000) gets the
+        # same fractions of it
+        times = [min(host.num_timesteps - 1, round(v * host.num_timesteps / 1000)) for v in opts.measure_timesteps]
         count = max(len(times), min(len(self.photos), opts.measure_pairs))
         index = [i % len(self.photos) for i in range(count)]
         t_all = torch.tensor([times[i % len(times)] for i in range(count)], dtype=torch.long)
@@ -309,7 +315,7 @@ class IdentityLearner:
             for probs in maps:
                 m = resize_mask(masks_all[sl], probs.shape[2]).to(probs.device)
                 masses += face_mass(probs, encs[0].positions, m).tolist()
-        return Measure(diffusion=sum(losses) / len(losses), face_mass=sum(masses) / max(len(masses), 1))
+        return Measure(diffusion=sum(losses) / len(losses), face_mass=sum(masses) / len(masses) if masses else None)
 
     # -- the run --------------------------------------------------------------------------------------
 
@@ -342,7 +348,7 @@ class IdentityLearner:
                               augment=self.options.augment, initial_diffusion_loss=initial.diffusion,
                               final_diffusion_loss=final.diffusion, initial_face_mass=initial.face_mass,
                               face_mass=final.face_mass, seconds=round(seconds, 2))
-        logger.info("learned a %s identity: %d steps in %.1f s, diffusion loss %.4f -> %.4f, face attention %.3f -> "
-                    "%.3f", self.config.layout, len(history), seconds, initial.diffusion, final.diffusion,
-                    initial.face_mass, final.face_mass)
+        logger.info("learned a %s identity: %d steps in %.1f s, diffusion loss %.4f -> %.4f, face attention %s -> "
+                    "%s", self.config.layout, len(history), seconds, initial.diffusion, final.diffusion,
+                    _mass(initial.face_mass), _mass(final.face_mass))
         return LearnResult(ident, history, initial, final, seconds)

@@ -37,9 +37,11 @@ import torch.utils.checkpoint
 
 from ...dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, face_squares
 from ...dreamid_core.learning.frozen import FrozenWeights, copy_saved_activations, input_grad_only
+from ...dreamid_core.learning.host import recomputed
 from ...dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
+from .dit_model import dit_blocks, dit_conds, is_dit, patch_size
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -81,15 +83,22 @@ class ComfyHost:
         self.tokenizer_keys = tokenizer_keys(self.clip)
         self.keys = tuple(part_key(self.clip, k) for k in self.tokenizer_keys)
         self.device = self.mp.load_device
-        self.compute_dtype = self.mp.model.get_dtype()
-        mult = self.mp.model.model_config.unet_config.get("channel_mult", (1,))
-        self.resolution_multiple = 8 * 2 ** (len(mult) - 1)
-        self.uses_pooled = bool(getattr(self.mp.model, "adm_channels", 0))
-        self.gradient_checkpointing, self.offload = gradient_checkpointing, offload
+        # fp8 weights compute in ComfyUI's manual-cast dtype, layer by layer
+        self.compute_dtype = getattr(self.mp.model, "manual_cast_dtype", None) or self.mp.model.get_dtype()
+        self.dit = is_dit(self.mp)
         self.recorder = AttentionRecorder(max_queries)
-        add_recorder(self.mp, self.recorder)
-        self.kv = TrainKV(self.mp)
-        self.mp.set_model_attn2_patch(self.kv)
+        if self.dit:  # FLUX.1 / SD3: the pooled vector always feeds the model; no cross-attention patches
+            self.resolution_multiple = 8 * patch_size(self.mp)
+            self.uses_pooled = True
+            self.kv: TrainKV | None = None
+        else:
+            mult = self.mp.model.model_config.unet_config.get("channel_mult", (1,))
+            self.resolution_multiple = 8 * 2 ** (len(mult) - 1)
+            self.uses_pooled = bool(getattr(self.mp.model, "adm_channels", 0))
+            add_recorder(self.mp, self.recorder)
+            self.kv = TrainKV(self.mp)
+            self.mp.set_model_attn2_patch(self.kv)
+        self.gradient_checkpointing, self.offload = gradient_checkpointing, offload
         self._stack: contextlib.ExitStack | None = None
         self.frozen: FrozenWeights | None = None
 
@@ -112,6 +121,10 @@ class ComfyHost:
                 mm.load_models_gpu([self.mp, self.clip.patcher])
             self.frozen = stack.enter_context(FrozenWeights([self.mp.model.diffusion_model,
                                                              self.clip.cond_stage_model]))
+            if hasattr(mm, "in_training"):  # ComfyUI's own switch to differentiable kernels (FLUX's RoPE in 0.33)
+                before = mm.in_training
+                mm.in_training = True
+                stack.callback(setattr, mm, "in_training", before)
             if self.gradient_checkpointing:
                 stack.enter_context(self._checkpointed_blocks())
             if self.offload:
@@ -136,7 +149,8 @@ class ComfyHost:
     def close(self) -> None:
         self.recorder.recording = self.recorder.collecting = False
         self.recorder.maps.clear()
-        self.kv.clear()
+        if self.kv is not None:
+            self.kv.clear()
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
@@ -147,10 +161,16 @@ class ComfyHost:
         block's layers one by one (``forward_timestep_embed``), so that is where ``forward`` is replaced, for the
         duration only. A transformer layer gets a snapshot of ``transformer_options``: ComfyUI advances its
         ``block`` / ``transformer_index`` entries as the forward goes on, and the backward's recomputation must
-        see the values of its own forward (the attention patches are chosen by them)."""
-        layers = [layer for block in _unet_blocks(self.mp) for layer in block]
+        see the values of its own forward (the attention patches are chosen by them). A DiT (FLUX.1, SD3) is
+        checkpointed per transformer block (``dreamid_core.learning.host.recomputed``: its blocks add into their
+        inputs in place), with the same snapshot of its ``transformer_options``."""
+        layers = dit_blocks(self.mp) if self.dit else [layer for block in _unet_blocks(self.mp) for layer in block]
 
-        def plain(*a: Any, _f: Callable[..., torch.Tensor], **k: Any) -> torch.Tensor:
+        def plain(*a: Any, _f: Callable[..., torch.Tensor], **k: Any) -> Any:
+            if isinstance(k.get("transformer_options"), dict):
+                k["transformer_options"] = dict(k["transformer_options"])
+            if self.dit:
+                return recomputed(_f, *a, **k) if torch.is_grad_enabled() else _f(*a, **k)
             return torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
 
         def transformer(x: torch.Tensor, context: torch.Tensor | None = None,
@@ -161,7 +181,7 @@ class ComfyHost:
 
         try:
             for layer in layers:
-                wrap = transformer if hasattr(layer, "transformer_blocks") else plain
+                wrap = transformer if hasattr(layer, "transformer_blocks") and not self.dit else plain
                 layer.forward = functools.partial(wrap, _f=layer.forward)
             yield
         finally:
@@ -234,7 +254,10 @@ class ComfyHost:
     # -- diffusion ------------------------------------------------------------------------------------
 
     def noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised:
-        sigma = self.sampling.sigma(t.float()).to(x0.device, torch.float32)  # [B]
+        if self.prediction == "flow":  # the shifted schedule's table (FLUX's sigma() reads times in 0..1, SD3's 1..1000)
+            sigma = self.sampling.sigmas.to(t.device)[t].to(x0.device, torch.float32)
+        else:
+            sigma = self.sampling.sigma(t.float()).to(x0.device, torch.float32)  # [B]
         x_t = self.sampling.noise_scaling(sigma, noise, x0, max_denoise=False)
         return Noised(x0=x0, x_t=x_t, sigma=sigma, t=t)
 
@@ -245,6 +268,9 @@ class ComfyHost:
         to = dict(self.mp.model_options["transformer_options"])
         to["cond_or_uncond"] = [0]  # one chunk, the identity's: TrainKV applies to every row
         to["sigmas"] = noised.sigma
+        if self.dit:
+            return self._denoise_dit(noised, cond, to, record)
+        assert self.kv is not None
         self.kv.set(cond.keys, cond.values)
         self.recorder.start(record)
         extra = {}
@@ -261,6 +287,20 @@ class ComfyHost:
             self.recorder.collecting = False  # a checkpointed backward recomputes without recording twice
         assert denoised.shape[0] == B
         return denoised.float(), self.recorder.take()
+
+    def _denoise_dit(self, noised: Noised, cond: Conditioning, to: dict[str, Any], record: bool
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """FLUX.1 / SD3: the words path; no per-stage keys and no attention maps yet (the node refuses the
+        per-stage layout and the attention loss there; ``measure`` gets no maps, so no face mass)."""
+        if cond.keys is not None:
+            raise NotImplementedError("per-stage keys are not learned on FLUX.1 / SD3 yet; use layout 'words'")
+        x_t = noised.x_t
+        conds = dit_conds(self.mp, cond.context.to(x_t.device),
+                          None if cond.pooled is None else cond.pooled.to(x_t.device), x_t)
+        # ComfyUI's FLUX blocks add residuals in place (``x += ...``), as its CLIP does
+        with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
+            denoised = self.mp.model.apply_model(x_t, noised.sigma, transformer_options=to, **conds)
+        return denoised.float(), []
 
     def attention_layers(self) -> list[tuple[str, int]]:
         return attention_blocks(self.mp)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...dreamid_core.identities.learned_identity import LearnedIdentity, load_learned_identity, save_learned_identity
+from .dit_model import model_family
 from .per_stage import apply_per_stage
 from .validation import NodeInputError
 
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 PREVIEW_STEPS = 12
 PREVIEW_CFG = 5.0
 PREVIEW_SAMPLER = ("euler", "normal")
+#: (cfg, sampler, scheduler) where a family samples differently: FLUX.1 is guidance-distilled (cfg 1, its
+#: guidance embedding at ComfyUI's default), SD3 samples on the sgm_uniform schedule
+PREVIEW_BY_FAMILY = {"flux": (1.0, ("euler", "simple")), "sd3": (4.5, ("euler", "sgm_uniform"))}
 PREVIEW_MAX_SIDE = 512  # the size ComfyUI's own sampler previews are sent at
 
 
@@ -69,11 +73,12 @@ class Previews:
         if self._negative is None:
             self._negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
         model, positive = apply_per_stage(self.model, self.clip, ident, self.prompt, "S*")
+        cfg, sampler = PREVIEW_BY_FAMILY.get(model_family(model), (PREVIEW_CFG, PREVIEW_SAMPLER))
         lat = self.resolution // 8
         latent = torch.zeros(1, 4, lat, lat)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, self.seed)
-        samples = comfy.sample.sample(model, noise, PREVIEW_STEPS, PREVIEW_CFG, *PREVIEW_SAMPLER, positive,
+        samples = comfy.sample.sample(model, noise, PREVIEW_STEPS, cfg, *sampler, positive,
                                       self._negative, latent, seed=self.seed, disable_pbar=True)
         image = label(self.vae.decode(samples)[0], f"step {step}")
         self.images.append(image)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...dreamid_core.errors import IncompatibleEncoderError
 from ...dreamid_core.identities.embeds import IdentityEmbeds
+from ...dreamid_core.identities.families import family_name
 from ...dreamid_core.identities.learned_identity import LearnedIdentity
 from .attention_patches import PerStagePatch, stage_selector
 from .comfy_tokens import part_key, tokenize_with_identities, tokenizer_keys
+from .dit_model import is_dit, model_family
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -33,7 +36,17 @@ def clip_single_key(clip: CLIP | None) -> str | None:
 
 def apply_per_stage(model: ModelPatcher, clip: CLIP, ident: LearnedIdentity, text: str,
                     trigger: str) -> tuple[ModelPatcher, list[list]]:
-    """(MODEL clone with the per-stage attn2 patch for ``text``, the positive CONDITIONING)."""
+    """(MODEL clone with the per-stage attn2 patch for ``text``, the positive CONDITIONING). On FLUX.1 / SD3
+    a words identity is the prompt alone (their joint attention has no attn2 to patch); a per-stage one is
+    refused."""
+    if is_dit(model):
+        if ident.layout == "per_stage":
+            raise IncompatibleEncoderError(
+                f"this identity is per_stage ({ident.config.num_stages} stages, made for "
+                f"{ident.config.target}); per-stage identities apply on SD1.x/SD2.x/SDXL UNets, not on "
+                f"{family_name(model_family(model))}. Learn a words identity for it.")
+        tokens, _ = tokenize_with_identities(clip, text, {trigger: ident.stage_vectors(0, "key")})
+        return model.clone(), clip.encode_from_tokens_scheduled(tokens)
     S = ident.config.num_stages if ident.layout == "per_stage" else 1
     contexts = {}
     for s in range(S):
