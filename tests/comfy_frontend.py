@@ -166,24 +166,38 @@ def wait_for_stable_boxes(page, quiet_ms: int = 600, timeout_ms: int = 15_000) -
 
 # -- editing and running the loaded graph from the page ----------------------------------------------
 
-_TINY_CLIP_JS = """(type) => {
+_TINY_CLIP_JS = """({type, rules}) => {
     const g = app.graph, added = [];
     const link = (id) => g.links.get?.(id) ?? g.links[id];
     const left = Math.min(...g.nodes.map(n => n.pos[0]));
-    for (const loader of g.nodes.filter(n => n.type === "CheckpointLoaderSimple")) {
-        const clip = loader.outputs.findIndex(o => o.type === "CLIP");
-        const targets = [...(loader.outputs[clip]?.links ?? [])].map(link).filter(Boolean)
-            .map(l => [g.getNodeById(l.target_id), l.target_slot]);
-        if (!targets.length) continue;
-        const tiny = LiteGraph.createNode(type);
-        if (!tiny) throw new Error(`${type} is not a registered node type`);
-        tiny.pos = [left - tiny.size[0] - 400, loader.pos[1]];
-        g.add(tiny);
-        for (const [node, slot] of targets) tiny.connect(0, node, slot);
-        added.push(String(tiny.id));
+    const dual = g.nodes.find(n => n.type === "DualCLIPLoader");
+    const ditKind = dual?.widgets?.find(w => w.name === "type")?.value === "sd3" ? "sd3" : "flux";
+    for (const rule of rules) {
+        for (const loader of g.nodes.filter(n => n.type === rule.loader)) {
+            const slot = loader.outputs.findIndex(o => o.type === rule.output);
+            const targets = [...(loader.outputs[slot]?.links ?? [])].map(link).filter(Boolean)
+                .map(l => [g.getNodeById(l.target_id), l.target_slot]);
+            if (!targets.length) continue;
+            const tinyType = rule.tiny ?? type;
+            const tiny = LiteGraph.createNode(tinyType);
+            if (!tiny) throw new Error(`${tinyType} is not a registered node type`);
+            const kind = rule.kindWidget ? loader.widgets.find(w => w.name === rule.kindWidget)?.value
+                       : rule.dit ? ditKind : null;
+            const kindWidget = tiny.widgets?.find(w => w.name === "kind");
+            if (kind && kindWidget) kindWidget.value = kind;
+            tiny.pos = [left - tiny.size[0] - 400, loader.pos[1]];
+            g.add(tiny);
+            for (const [node, s] of targets) tiny.connect(0, node, s);
+            added.push(String(tiny.id));
+        }
     }
     return added;
 }"""
+#: which loader outputs the tiny test nodes stand in for: a checkpoint's CLIP (tiny checkpoints hold
+#: none), a DualCLIPLoader's CLIP (its "type" picks the kind) and a UNETLoader's FLUX.1 / SD3 MODEL
+TINY_RULES = [{"loader": "CheckpointLoaderSimple", "output": "CLIP"},
+              {"loader": "DualCLIPLoader", "output": "CLIP", "tiny": "DreamIDTest_TinyCLIP", "kindWidget": "type"},
+              {"loader": "UNETLoader", "output": "MODEL", "tiny": "DreamIDTest_TinyDiT", "dit": True}]
 
 _SET_WIDGETS_JS = r"""(values) => {
     const g = app.graph, link = (id) => g.links.get?.(id) ?? g.links[id];
@@ -247,9 +261,10 @@ _RUN_JS = """async ({timeoutMs, fresh}) => {
 
 
 def use_tiny_clip_in_app(page, node_type: str = "DreamIDTest_TinyCLIP") -> list[str]:
-    """Feed every consumer of a CheckpointLoaderSimple's CLIP from a new ``node_type`` node, added
-    with the graph API left of the graph (test checkpoints cannot hold a CLIP); returns the new ids."""
-    return page.evaluate(_TINY_CLIP_JS, node_type)
+    """Feed every consumer of a CheckpointLoaderSimple's CLIP from a new ``node_type`` node, and of a
+    DualCLIPLoader's CLIP / UNETLoader's MODEL from the tiny FLUX.1 / SD3 test nodes (:data:`TINY_RULES`),
+    added with the graph API left of the graph; returns the new ids."""
+    return page.evaluate(_TINY_CLIP_JS, {"type": node_type, "rules": TINY_RULES})
 
 
 def set_widgets_in_app(page, values: dict[str, dict]) -> list[str]:

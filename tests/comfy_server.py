@@ -37,7 +37,8 @@ PACK_DIR = Path(__file__).resolve().parents[1]
 TEST_NODES_DIR = Path(__file__).resolve().parent / "comfy_test_nodes"
 PACK_NAME = "ComfyUI-DreamIdentity"
 TEST_PACK_NAME = "ComfyUI-DreamIdentity-TestNodes"
-MODEL_FOLDERS = ("checkpoints", "controlnet", "embeddings", "dreamidentity", "insightface")
+MODEL_FOLDERS = ("checkpoints", "controlnet", "embeddings", "dreamidentity", "insightface", "vae", "diffusion_models",
+                 "text_encoders")
 # Frontend settings of the "default" user: no first-run template browser over the canvas.
 FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True}
 

@@ -196,3 +196,75 @@ def write_tiny_controlnet(path: str | Path, seed: int = 1, dtype: torch.dtype = 
     cfg.pop("out_channels")
     net = init_weights_(ControlNet(**cfg, hint_channels=3, dtype=torch.float32, device="cpu"), seed)
     return _save({f"control_model.{k}": v for k, v in net.state_dict().items()}, path, dtype)
+
+
+#: tiny DiTs that read tiny_dit_clip's encoders: FLUX.1 (T5 48 wide as the sequence, CLIP-L 64 pooled) and
+#: SD3 (the 4096-wide joint sequence, CLIP-L + CLIP-G pooled 160)
+TINY_FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": SDXL_L_WIDTH,
+                    "context_in_dim": 48, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+                    "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                    "qkv_bias": True, "guidance_embed": True}
+TINY_SD3_CONFIG = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+                   "adm_in_channels": SDXL_L_WIDTH + SDXL_G_WIDTH, "num_patches": 256, "pos_embed_max_size": 16,
+                   "context_embedder_config": {"target": "torch.nn.Linear",
+                                               "params": {"in_features": 4096, "out_features": 128}},
+                   "pos_embed_scaling_factor": None}
+
+
+def tiny_dit_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   manual_cast: torch.dtype | None = None, **config):
+    """A ``ModelPatcher`` over a real ComfyUI FLUX.1 ("flux") or SD3 ("sd3") model with tiny widths, seeded,
+    on the CPU; ``config`` overrides the tiny config (e.g. ``guidance_embed=False`` for a schnell layout).
+    ``dtype=torch.float8_e4m3fn, manual_cast=torch.float32``: fp8 weights cast per layer, as ComfyUI runs
+    fp8 checkpoints."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if kind == "flux":
+        import dataclasses
+
+        import comfy.ldm.flux.model
+
+        fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+        extra = {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}  # ComfyUI 0.33's FLUX.1 detection sets []
+        model_config = comfy.supported_models.Flux({**TINY_FLUX_CONFIG, **extra, **config})
+    elif kind == "sd3":
+        model_config = comfy.supported_models.SD3({**TINY_SD3_CONFIG, **config})
+    else:
+        raise ValueError(f"kind must be 'flux' or 'sd3', got {kind!r}")
+    model_config.set_inference_dtype(dtype, manual_cast)
+    model = model_config.get_model({})
+    init_weights_(model.diffusion_model, seed)  # drawn in float32, stored in ``dtype``
+    with torch.no_grad():  # RMSNorm/QKNorm gains are named "scale": ones, like the other norms' weights
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim == 1 and name.endswith("scale"):
+                p.fill_(1.0)
+        gen = _generator(seed + 7)
+        for b in model.diffusion_model.buffers():  # SD3's pos_embed: a file holds it, here seeded
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _tiny_vae16_state(seed: int) -> dict:
+    from comfy.taesd.taesd import TAESD
+
+    net = init_weights_(TAESD(latent_channels=16), seed)
+    with torch.no_grad():  # weights ~N(0, 1/fan_in) with ReLUs shrink a signal over 20 convs: keep it alive
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(math.sqrt(2.0))
+    return net.state_dict()
+
+
+def tiny_vae16(seed: int = 1):
+    """A real ``comfy.sd.VAE`` with 16 latent channels (a TAESD of FLUX.1/SD3's latent width), seeded."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=_tiny_vae16_state(seed))
+
+
+def write_tiny_vae16(path: str | Path, seed: int = 1) -> Path:
+    """:func:`tiny_vae16` as a file that ``VAELoader`` loads (ComfyUI detects a TAESD by its keys)."""
+    return _save(_tiny_vae16_state(seed), path, torch.float32)

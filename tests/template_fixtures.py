@@ -41,6 +41,7 @@ TINY_IN_APP = {
     # one step with a preview: the learner's preview and loss curve show, in half the time of two steps
     "DreamID_LearnIdentity": {"steps": 1, "resolution": 64, "preview_every": 1, "snapshot_every": 0},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
     "DreamID_ScenePosition": {"width": 64, "height": 64},
     "DreamID_HeadPlacement": {"width": 64, "height": 64},
@@ -61,7 +62,7 @@ def write_server_files(server) -> dict[str, Path]:
     writers use ComfyUI's own classes: import ComfyUI in-process first). Returns {file name: a
     template that loads it}."""
     import torch
-    from comfy_tiny import write_tiny_controlnet, write_tiny_sd2_checkpoint
+    from comfy_tiny import write_tiny_controlnet, write_tiny_sd2_checkpoint, write_tiny_vae16
     from PIL import Image
 
     from dreamid_core import BackboneConfig, EncoderConfig, IDEncoder, save_encoder
@@ -72,6 +73,9 @@ def write_server_files(server) -> dict[str, Path]:
             names[name] = path
     write_tiny_sd2_checkpoint(server.models_dir("checkpoints") / "v2-1_512-ema-pruned.safetensors")
     write_tiny_controlnet(server.models_dir("controlnet") / "control_v11p_sd21_openpose.safetensors")
+    # FLUX.1: the VAE file loads through VAELoader; the MODEL and CLIP come from the tiny test nodes
+    # (ComfyUI detects FLUX files at the real widths only), so their files are not written
+    write_tiny_vae16(server.models_dir("vae") / "ae.safetensors")
     torch.manual_seed(0)
     bb = BackboneConfig(width=32, depth=4, num_heads=4, num_features=16, patch_size=28)
     encoder = IDEncoder(EncoderConfig.for_target("sd2", bb, hidden_dim=64))

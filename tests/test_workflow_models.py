@@ -21,7 +21,8 @@ from dreamid_core.cli.download import COMFYUI_FOLDERS, parse_entry
 PACK = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
 # loaders whose file the templates expect to be public, and the ComfyUI folder each reads
-PUBLIC_LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet"}
+PUBLIC_LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet",
+                  "UNETLoader": "diffusion_models", "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}
 ENCODER_LOADER = "DreamID_LoadIDEncoder"
 FILE_NODES = {*PUBLIC_LOADERS, ENCODER_LOADER, "LoadImage"}  # nodes naming a file the test server lacks
 # ComfyUI 0.3.64's folder_paths names, for when no ComfyUI checkout is at hand

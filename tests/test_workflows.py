@@ -15,7 +15,7 @@ from comfy_frontend import dismiss_notices, frontend_version, load_in_app
 from comfy_server import PromptRejected
 from PIL import Image
 from template_fixtures import WORKFLOWS, model_files
-from workflow_api import load_workflow, nodes_of, set_inputs, strip_meta, ui_to_api, use_tiny_clip
+from workflow_api import load_workflow, nodes_of, set_inputs, strip_meta, ui_to_api, use_tiny_clip, use_tiny_dit
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 PACK = Path(__file__).resolve().parents[1]
@@ -31,9 +31,12 @@ def test_workflow_model_names_are_in_the_readme():
 
 
 def tiny(prompt: dict) -> dict:
-    """Shrink a workflow's prompt to the tiny models: 64 px, 2 steps, the 1024-wide tiny SD2 CLIP."""
+    """Shrink a workflow's prompt to the tiny models: 64 px, 2 steps, the 1024-wide tiny SD2 CLIP (FLUX.1: the
+    tiny FLUX model and CLIP)."""
     use_tiny_clip(prompt, "sd2", 0, init_seed=0)
+    use_tiny_dit(prompt, init_seed=0)
     set_inputs(prompt, "EmptyLatentImage", width=64, height=64)
+    set_inputs(prompt, "EmptySD3LatentImage", width=64, height=64)
     set_inputs(prompt, "KSampler", steps=2)
     set_inputs(prompt, "DreamID_ScenePosition", width=64, height=64)
     set_inputs(prompt, "DreamID_HeadPlacement", width=64, height=64)
@@ -142,6 +145,14 @@ def test_errors_name_the_node_and_the_fix(comfy_server, server_files):
 # -- the browser ----------------------------------------------------------------------------------
 
 @pytest.mark.browser
+def absent_loaders(server, workflow: dict) -> set[str]:
+    """Types of the loader nodes whose listed file the test server does not have (FLUX.1's model and text
+    encoders: ComfyUI detects those files at their real widths only, the tests build tiny ones in-process)."""
+    missing = {m["name"] for m in workflow.get("models", [])
+               if not (server.models_dir(m["directory"]) / m["name"]).is_file()}
+    return {n["type"] for n in workflow["nodes"] if set(n.get("widgets_values") or []) & missing}
+
+
 def test_every_workflow_opens_in_the_browser_without_missing_nodes(comfy_server, server_files, browser_page):
     page = browser_page
     page.goto(comfy_server.url + "/")
@@ -154,8 +165,12 @@ def test_every_workflow_opens_in_the_browser_without_missing_nodes(comfy_server,
     for path in WORKFLOWS:
         dismiss_notices(page)
         state = load_in_app(page, load_workflow(path))
-        # no error nodes, no missing-nodes/models dialog or error overlay, no schema alert or other toast
-        assert state["errors"] == [] and state["notices"] == [] and not state["missing_nodes"], f"{path.name}: {state}"
+        absent = absent_loaders(comfy_server, load_workflow(path))
+        if absent:  # FLUX.1's files exist only at full size: the frontend names them, nothing else is wrong
+            assert not state["missing_nodes"] and set(state["errors"]) <= absent, f"{path.name}: {state}"
+        else:  # no error nodes, no missing-nodes/models dialog or error overlay, no schema alert or other toast
+            assert state["errors"] == [] and state["notices"] == [] and not state["missing_nodes"], \
+                f"{path.name}: {state}"
         assert any(t.startswith("DreamID_") for t in state["types"]) or "reuse" in path.name
         page.screenshot(path=str(ARTIFACTS / f"workflow-{path.stem}.png"))
         api = page.evaluate("async () => (await app.graphToPrompt()).output")

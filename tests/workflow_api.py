@@ -197,6 +197,25 @@ def use_tiny_clip(prompt: dict, kind: str = "sd2", width: int = 0, init_seed: in
     return made
 
 
+def use_tiny_dit(prompt: dict, init_seed: int = 0) -> dict:
+    """Feed the consumers of every ``DualCLIPLoader`` (its ``type`` "flux" or "sd3") from a tiny CLIP of
+    that kind, and of every ``UNETLoader`` from a ``DreamIDTest_TinyDiT`` of the graph's DiT kind; returns
+    ``{loader id: tiny node id}``."""
+    made = {}
+    kinds = {v["inputs"].get("type") for v in prompt.values() if v["class_type"] == "DualCLIPLoader"}
+    for loader in nodes_of(prompt, "DualCLIPLoader"):
+        kind = prompt[loader]["inputs"]["type"]
+        tiny = add_node(prompt, "DreamIDTest_TinyCLIP", {"kind": kind, "width": 0, "init_seed": init_seed})
+        if replace_links(prompt, (loader, 0), (tiny, 0)):
+            made[loader] = tiny
+    for loader in nodes_of(prompt, "UNETLoader"):
+        kind = "sd3" if kinds == {"sd3"} else "flux"
+        tiny = add_node(prompt, "DreamIDTest_TinyDiT", {"kind": kind, "init_seed": init_seed})
+        if replace_links(prompt, (loader, 0), (tiny, 0)):
+            made[loader] = tiny
+    return made
+
+
 def strip_meta(prompt: dict, object_info: dict | None = None) -> dict:
     """``{id: (class_type, inputs)}`` for comparing two prompts (titles and key order ignored).
     With ``object_info``, only the inputs a node's definition declares are kept: what the server

@@ -1,0 +1,218 @@
+"""DreamID_LearnIdentity on the diffusion transformers (FLUX.1, SD3) inside a real ComfyUI (in-process, CPU):
+tiny real FLUX.1- and SD3-layout models built from config by ComfyUI's own classes, ComfyUI's own
+tokenizers (CLIP BPE, T5 sentencepiece), a 16-channel VAE and a real face photo.
+
+What is checked: the step is rectified-flow matching through the model's own sampling (the shifted sigma
+table, FLUX's guidance embedding), written out here independently of ComfyUI; the vectors of every text
+encoder the model reads learn and the fixed-pair loss falls; MODEL and CLIP come back bit for bit, with no
+gradient and no wrapper left; checkpointing and offloading learn the same vectors, fp8 weights learn with
+no weight gradient; the saved identity is one multi-key file that ``embedding:NAME`` reads like
+DreamID_InjectIDTokens; and what is not supported on these families is refused by name."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfy_env import load_pack
+from face_photos import face_photo, needs_photos
+from test_learn_nodes import leftover_wrappers, no_grads, state_hash
+
+pytestmark = [pytest.mark.comfyui, needs_photos]
+PACK = Path(__file__).resolve().parents[1]
+KINDS = ("flux", "sd3")
+PARTS = {"flux": {"clip_l": 64, "t5xxl": 48}, "sd3": {"clip_l": 64, "clip_g": 96, "t5xxl": 4096}}
+RES = 64  # 8x8 latents, 4x4 patches
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui):
+    nodes = load_pack(comfyui.nodes, PACK)
+    root = nodes["DreamID_LearnIdentity"].__module__.split(".nodes.")[0]
+    return {"nodes": nodes, "mods": lambda name: sys.modules[f"{root}.{name}"]}
+
+
+def build(kind, **model_kw):
+    from comfy_tiny import tiny_dit_clip, tiny_dit_model, tiny_vae16
+
+    with torch.inference_mode():  # as ComfyUI loads them: the weights are inference tensors
+        return {"model": tiny_dit_model(kind, **model_kw), "clip": tiny_dit_clip(kind), "vae": tiny_vae16()}
+
+
+@pytest.fixture(scope="module")
+def dits(comfyui):
+    return {kind: build(kind) for kind in KINDS}
+
+
+def photo(size=128):
+    return torch.from_numpy(np.asarray(face_photo("tom", size=size), dtype=np.float32) / 255.0)[None]
+
+
+def learn(pack, models, *, steps=3, lr=0.05, **kw):
+    args = dict(model=models["model"], clip=models["clip"], vae=models["vae"], image=photo(), steps=steps,
+                learning_rate=lr, attention_loss_weight=0.0, layout="words", num_tokens=2, init_word="person",
+                class_word="person", resolution=RES, batch_size=1, seed=0, gradient_checkpointing=False,
+                preview_every=0, snapshot_every=0) | kw
+    with torch.inference_mode():  # the whole prompt runs under inference mode in ComfyUI
+        return pack["nodes"]["DreamID_LearnIdentity"]().learn(**args)
+
+
+# -- the step ----------------------------------------------------------------------------------------
+
+def _shifted(kind: str, sampling, t: torch.Tensor) -> torch.Tensor:
+    """The sigma of integer training timestep ``t``, written from the papers' formulas: FLUX.1's
+    exp(mu) / (exp(mu) + 1/s - 1) over s in (0, 1] (10000 steps), SD3's shift*s / (1 + (shift-1)*s) (1000)."""
+    if kind == "flux":
+        s = (t.double() + 1) / 10000
+        mu = float(sampling.shift)
+        return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+    s = (t.double() + 1) / 1000
+    shift = float(sampling.shift)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_step_is_flow_matching_through_the_models_own_sampling(comfyui, pack, dits, kind):
+    """The host's loss equals mean((v - (noise - x0))^2) with v from a direct call of the transformer at
+    x_t = (1 - sigma) x0 + sigma noise, sigma from the shifted schedule, FLUX's guidance 3.5."""
+    host_mod = pack["mods"]("nodes.adapters.learn_host")
+    loss_mod = pack["mods"]("dreamid_core.learning.loss")
+    m = dits[kind]
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode(False), torch.no_grad(), host_mod.ComfyHost(m["model"], m["clip"]) as host:
+        assert host.prediction == "flow" and host.resolution_multiple == 16
+        vectors = {k: torch.randn(2, w, generator=g) * 0.3 for k, w in PARTS[kind].items()}
+        enc = host.encode("a photo of S* smiling", vectors)
+        x0, noise = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+        t = torch.tensor([7, host.num_timesteps // 2, host.num_timesteps - 3])
+        noised = host.noise(x0, noise, t)
+        sampling = host.sampling
+        torch.testing.assert_close(noised.sigma.double(), _shifted(kind, sampling, t), rtol=2e-6, atol=1e-7)
+        context, pooled = enc.context.repeat(3, 1, 1), enc.pooled.repeat(3, 1)
+        denoised, maps = host.denoise(noised, pack["mods"]("dreamid_core.learning").Conditioning(context, pooled))
+        got = loss_mod.prediction_error("flow", x0, denoised, noised.sigma)
+        # the same step without ComfyUI's apply_model: the transformer itself, its timestep convention
+        dm = m["model"].model.diffusion_model
+        s = noised.sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        torch.testing.assert_close(noised.x_t, x_t, rtol=1e-6, atol=1e-6)
+        if kind == "flux":
+            v = dm(x_t, noised.sigma, context, y=pooled, guidance=torch.full((3,), 3.5))
+        else:
+            v = dm(x_t, noised.sigma * 1000, context=context, y=pooled)
+        want = v.float() - (noise - x0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        assert maps == []
+
+
+# -- the node ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learning_every_encoder_lowers_the_loss_and_leaves_model_and_clip_untouched(comfyui, pack, dits, kind):
+    m = dits[kind]
+    before = state_hash(m["model"].model.diffusion_model), state_hash(m["clip"].cond_stage_model)
+    out = learn(pack, m, steps=8)
+    ident = out["result"][0]
+    assert {k: tuple(v.shape) for k, v in ident.tensors.items()} == {k: (2, w) for k, w in PARTS[kind].items()}
+    extra = ident.config.extra
+    assert extra["final_diffusion_loss"] < extra["initial_diffusion_loss"], extra
+    assert ident.config.target == kind
+    # the vectors keep their encoder's vocabulary norm (Directional Textual Inversion)
+    for key, norms in extra["norms"].items():
+        assert max(abs(n - extra["vocabulary_norm"][key]) for n in norms) < 1e-3, (key, norms)
+    assert "face attention n/a" in out["ui"]["text"][0]
+    assert (state_hash(m["model"].model.diffusion_model), state_hash(m["clip"].cond_stage_model)) == before
+    for module in (m["model"].model.diffusion_model, m["clip"].cond_stage_model):
+        assert no_grads(module) and leftover_wrappers(module) == 0
+        assert not any("forward" in mod.__dict__ for mod in module.modules())
+    import comfy.model_management as mm
+
+    assert not getattr(mm, "in_training", False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpointing_and_offloading_learn_the_same_vectors(comfyui, pack, dits, kind):
+    runs = {(ckpt, off): learn(pack, dits[kind], gradient_checkpointing=ckpt, offload=off)["result"][0].tensors
+            for ckpt, off in ((False, False), (True, False), (False, True), (True, True))}
+    plain = runs[(False, False)]
+    for flags, tensors in runs.items():
+        for key in plain:
+            err = float((tensors[key] - plain[key]).abs().max())
+            assert err < 1e-5, f"{kind} {flags} {key}: {err}"
+
+
+def test_fp8_weights_learn_with_no_weight_gradient(comfyui, pack):
+    m = build("flux", dtype=torch.float8_e4m3fn, manual_cast=torch.float32)
+    dm = m["model"].model.diffusion_model
+    assert next(dm.parameters()).dtype == torch.float8_e4m3fn
+    before = state_hash(dm)
+    ident = learn(pack, m, steps=8, gradient_checkpointing=True, offload=True)["result"][0]
+    extra = ident.config.extra
+    assert extra["final_diffusion_loss"] < extra["initial_diffusion_loss"], extra
+    assert all(torch.isfinite(v).all() for v in ident.tensors.values())
+    assert state_hash(dm) == before and no_grads(dm)
+
+
+# -- the identity file -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_learned_identity_is_one_embedding_file_that_clip_text_encode_reads(comfyui, pack, dits, kind):
+    from comfy_tiny import tiny_dit_clip
+
+    emb_dir = comfyui.models_dir("embeddings")
+    ident, embeds, _, _ = learn(pack, dits[kind], steps=2)["result"]
+    label = pack["nodes"]["DreamID_SaveLearnedIdentity"]().save(ident, f"learned_{kind}", True)["result"][0]
+    assert label == f"embedding:learned_{kind}"
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(emb_dir / f"learned_{kind}.safetensors"))) == set(PARTS[kind])
+    with torch.inference_mode():
+        clip = tiny_dit_clip(kind, embedding_directory=str(emb_dir))
+        text = "portrait of S*, rim light"
+        (plain,) = comfyui.nodes.CLIPTextEncode().encode(clip, text.replace("S*", f"embedding:learned_{kind}"))
+        injected = pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, text, "S*")["result"][0]
+    assert torch.equal(plain[0][0], injected[0][0])
+    assert torch.equal(plain[0][1]["pooled_output"], injected[0][1]["pooled_output"])
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+def test_what_these_families_cannot_do_yet_is_refused_by_name(comfyui, pack, dits):
+    err = pack["mods"]("nodes.adapters.validation").NodeInputError
+    with pytest.raises(err, match=r"layout 'per_stage' is not available on FLUX\.1 yet.*use layout 'words'"):
+        learn(pack, dits["flux"], layout="per_stage")
+    with pytest.raises(err, match=r"attention_loss_weight=0\.003.*SD3/3\.5.*set attention_loss_weight to 0"):
+        learn(pack, dits["sd3"], attention_loss_weight=0.003)
+
+
+def test_a_model_and_clip_of_different_families_are_refused_naming_both(comfyui, pack, dits):
+    from comfy_tiny import tiny_clip
+    from test_learn_nodes import small_sdxl_model
+
+    err = pack["mods"]("nodes.adapters.validation").NodeInputError
+    with torch.inference_mode():
+        sdxl_model, sdxl_clip = small_sdxl_model(), tiny_clip("sdxl")
+    flux, sd3 = dits["flux"], dits["sd3"]
+    cases = [(dict(flux, model=sdxl_model), r"MODEL is SDXL but this CLIP \(FLUX\.1"),
+             (dict(flux, clip=sdxl_clip), r"MODEL is FLUX\.1 but this CLIP \(SDXL"),
+             (dict(flux, clip=sd3["clip"]), r"MODEL is FLUX\.1 but this CLIP \(SD3/3\.5"),
+             (dict(sd3, clip=flux["clip"]), r"MODEL is SD3/3\.5 but this CLIP \(FLUX\.1")]
+    for models, pattern in cases:
+        with pytest.raises(err, match=pattern):
+            learn(pack, models)
+    narrow = build("flux", context_in_dim=40)["model"]
+    with pytest.raises(err, match=r"reads t5xxl 40 wide but this CLIP \(FLUX\.1.*gives t5xxl 48"):
+        learn(pack, dict(flux, model=narrow))
+
+
+def test_a_per_stage_identity_is_refused_on_a_dit(comfyui, pack, dits):
+    li = pack["mods"]("dreamid_core.identities.learned_identity")
+    parts = {k: torch.zeros(2, 2, 2, w) for k, w in PARTS["flux"].items()}
+    staged = li.LearnedIdentity(li.IdentityConfig(layout="per_stage", num_stages=2, target="flux"), parts)
+    with pytest.raises(Exception, match=r"per-stage identities apply on SD1\.x/SD2\.x/SDXL UNets, not on FLUX\.1"):
+        pack["nodes"]["DreamID_ApplyPerStageIdentity"]().apply(dits["flux"]["model"], dits["flux"]["clip"], staged,
+                                                               "a photo of S*", "S*")
