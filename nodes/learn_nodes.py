@@ -192,10 +192,12 @@ class DreamIDLearnIdentity:
                                             "tooltip": "Adam learning rate of the tokens (0.005 is the TI norm)."}),
                 "attention_loss_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 10.0, "step": 0.001,
                                                     "tooltip": "Face-wise attention loss weight (the paper's best: "
-                                                               "0.003). 0 switches it off."}),
+                                                               "0.003). 0 switches it off; FLUX.1/SD3 need 0 "
+                                                               "(not on their joint attention yet)."}),
                 "layout": (list(LAYOUTS), {"default": "words", "tooltip": (
                     "words: k word embeddings (a standard embedding file, InjectIDTokens). per_stage: key/value "
-                    "token pairs per stage (more faithful; apply with DreamID_ApplyPerStageIdentity).")}),
+                    "token pairs per stage (more faithful; apply with DreamID_ApplyPerStageIdentity; SD1.x/SD2.x/"
+                    "SDXL only).")}),
                 "num_tokens": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": (
                     "k, tokens per identity (ignored with an encoder or init identity: theirs is used).")}),
                 "init_word": ("STRING", {"default": "person", "tooltip": (
