@@ -118,17 +118,22 @@ def check_models(model: ModelPatcher | None, clip: CLIP | None, vae: VAE | None)
     return family
 
 
-def check_dit_settings(family: str, layout: str, attention_loss_weight: float) -> None:
-    """FLUX.1 and SD3 learn words with the diffusion loss (in this version); the rest is refused by name."""
+def check_dit_settings(family: str, layout: str, attention_loss_weight: float, resolution: int,
+                       max_queries: int | None) -> None:
+    """FLUX.1 and SD3 learn words (the per-stage layout is refused by name); their attention loss records
+    joint-attention layers with at most ``max_queries`` image tokens, i.e. up to 512 px."""
     if family not in DIT_FAMILIES:
         return
     if layout != "words":
         raise NodeInputError(f"{NODE}: layout {layout!r} is not available on {family_name(family)} yet (it is on "
                              "SD1.x/SD2.x/SDXL); use layout 'words' (one multi-key embedding file).")
-    if attention_loss_weight > 0:
-        raise NodeInputError(f"{NODE}: attention_loss_weight={attention_loss_weight} - the face-wise attention loss "
-                             f"is not available on {family_name(family)}'s joint attention yet; set "
-                             "attention_loss_weight to 0 (the diffusion loss alone learns the identity).")
+    tokens = (resolution // 16) ** 2
+    if attention_loss_weight > 0 and max_queries is not None and tokens > max_queries:
+        largest = 16 * int(max_queries ** 0.5)
+        raise NodeInputError(f"{NODE}: attention_loss_weight={attention_loss_weight} at resolution {resolution}: "
+                             f"{family_name(family)}'s joint attention has {tokens} image tokens there, and the "
+                             f"attention loss keeps maps of layers with at most {max_queries}. Use resolution "
+                             f"<= {largest}, or attention_loss_weight 0.")
 
 
 def _snapshot_of(init_identity: IdentityEmbeds | LearnedIdentity | None) -> LearnedIdentity | None:
@@ -192,8 +197,8 @@ class DreamIDLearnIdentity:
                                             "tooltip": "Adam learning rate of the tokens (0.005 is the TI norm)."}),
                 "attention_loss_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 10.0, "step": 0.001,
                                                     "tooltip": "Face-wise attention loss weight (the paper's best: "
-                                                               "0.003). 0 switches it off; FLUX.1/SD3 need 0 "
-                                                               "(not on their joint attention yet)."}),
+                                                               "0.003). 0 switches it off. FLUX.1/SD3: on their "
+                                                               "joint attention, up to 512 px."}),
                 "layout": (list(LAYOUTS), {"default": "words", "tooltip": (
                     "words: k word embeddings (a standard embedding file, InjectIDTokens). per_stage: key/value "
                     "token pairs per stage (more faithful; apply with DreamID_ApplyPerStageIdentity; SD1.x/SD2.x/"
@@ -273,7 +278,8 @@ class DreamIDLearnIdentity:
         # -- every cheap check before a photo is looked at --------------------------------------------
         require_finite(NODE, learning_rate=learning_rate, attention_loss_weight=attention_loss_weight)
         family = check_models(model, clip, vae)
-        check_dit_settings(family, layout, attention_loss_weight)
+        options = RunOptions(batch_size=batch_size, gradient_checkpointing=bool(gradient_checkpointing))
+        check_dit_settings(family, layout, attention_loss_weight, resolution, options.max_queries)
         _intervals(steps, preview_every=preview_every, snapshot_every=snapshot_every, keep_last=keep_last)
         name = _name(name)
         if preview_every and not find_triggers(str(preview_prompt), ["S*"]):
@@ -283,7 +289,6 @@ class DreamIDLearnIdentity:
                                 target=family, init=f"word:{init_word}", class_word=str(class_word).strip(),
                                 steps=steps, lr=learning_rate, attn_weight=attention_loss_weight, seed=seed,
                                 resolution=resolution, norm=norm)
-        options = RunOptions(batch_size=batch_size, gradient_checkpointing=bool(gradient_checkpointing))
         host = ComfyHost(model, clip, gradient_checkpointing=bool(gradient_checkpointing), offload=bool(offload),
                          max_queries=options.max_queries)
         try:

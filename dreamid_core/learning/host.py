@@ -115,16 +115,19 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
                                                                t.stride())
 
 
-def recomputed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def recomputed(fn: Callable[..., Any], *args: Any, capture: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` (a transformer block) checkpointed: nothing but its tensor inputs is kept for
     backward, which runs it again. Each run gets its own copies of the tensor inputs, and the recomputation
     keeps copies of what it saves, because ComfyUI's DiT blocks add residuals into tensors in place (``txt +=``)
     that would otherwise change the inputs and saved activations under autograd's feet. Returns what ``fn``
-    returns (a tensor or a tuple of tensors and Nones: SD3's last block gives no text stream)."""
+    returns (a tensor or a tuple of tensors and Nones: SD3's last block gives no text stream).
+
+    ``capture``: a context-manager factory yielding a list that collects tensors made inside ``fn`` (attention
+    maps); they become outputs of the checkpoint too, so gradients reach them through the recomputation, and
+    the call returns ``(result, captured)``."""
     slots = [(True, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)] + \
             [(False, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    single: list[bool] = []
-    nones: list[int] = []
+    shape: dict[str, Any] = {}
 
     def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a, k = list(args), dict(kwargs)
@@ -133,19 +136,22 @@ def recomputed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
                 a[key] = t.clone()
             else:
                 k[key] = t.clone()
-        with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
+        with capture() if capture is not None else contextlib.nullcontext([]) as extra, \
+                copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
             out = fn(*a, **k)
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        if not single:
-            single.append(isinstance(out, torch.Tensor))
-            nones.extend(i for i, o in enumerate(outs) if o is None)
-        return tuple(torch.empty(0) if o is None else o for o in outs)
+        if not shape:
+            shape.update(single=isinstance(out, torch.Tensor), n=len(outs), extra=len(extra),
+                         nones=[i for i, o in enumerate(outs) if o is None])
+        if len(extra) != shape["extra"]:
+            raise RuntimeError(f"a recomputed block captured {len(extra)} tensors, its forward {shape['extra']}")
+        return tuple(torch.empty(0) if o is None else o for o in outs) + tuple(extra)
 
     tensors = [args[key] if positional else kwargs[key] for positional, key in slots]
-    outs = _Recompute.apply(run, *tensors)
-    if single[0]:
-        return outs[0]
-    return tuple(None if i in nones else o for i, o in enumerate(outs))
+    every = _Recompute.apply(run, *tensors)
+    outs, captured = every[:shape["n"]], list(every[shape["n"]:])
+    result = outs[0] if shape["single"] else tuple(None if i in shape["nones"] else o for i, o in enumerate(outs))
+    return (result, captured) if capture is not None else result
 
 
 def encode_recomputed(host: LearnHost, prompt: str, vectors: dict[str, torch.Tensor]) -> Encoded:

@@ -41,7 +41,8 @@ from ...dreamid_core.learning.host import recomputed
 from ...dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
-from .dit_model import dit_blocks, dit_conds, is_dit, patch_size
+from .dit_model import dit_blocks, dit_conds, is_dit, model_family, patch_size
+from .joint_attention import JointAttentionRecorder
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -86,9 +87,12 @@ class ComfyHost:
         # fp8 weights compute in ComfyUI's manual-cast dtype, layer by layer
         self.compute_dtype = getattr(self.mp.model, "manual_cast_dtype", None) or self.mp.model.get_dtype()
         self.dit = is_dit(self.mp)
-        self.recorder = AttentionRecorder(max_queries)
-        if self.dit:  # FLUX.1 / SD3: the pooled vector always feeds the model; no cross-attention patches
+        self.recorder: AttentionRecorder | JointAttentionRecorder = AttentionRecorder(max_queries)
+        if self.dit:  # FLUX.1 / SD3: the pooled vector always feeds the model; joint attention, no attn2
+            self.recorder = JointAttentionRecorder(max_queries)
             self.resolution_multiple = 8 * patch_size(self.mp)
+            # SD3 reads [CLIP-L|G rows; T5 rows] as one sequence; FLUX reads T5 alone (CLIP-L only pooled)
+            self.family_reads_clip_sequence = model_family(self.mp) == "sd3"
             self.uses_pooled = True
             self.kv: TrainKV | None = None
         else:
@@ -170,7 +174,14 @@ class ComfyHost:
             if isinstance(k.get("transformer_options"), dict):
                 k["transformer_options"] = dict(k["transformer_options"])
             if self.dit:
-                return recomputed(_f, *a, **k) if torch.is_grad_enabled() else _f(*a, **k)
+                if not torch.is_grad_enabled():
+                    return _f(*a, **k)
+                joint = self.recorder
+                assert isinstance(joint, JointAttentionRecorder)
+                out, maps = recomputed(_f, *a, capture=joint.capture, **k)
+                if joint.collecting:  # the block's maps, now with gradients through its recomputation
+                    joint.maps.extend(maps)
+                return out
             return torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
 
         def transformer(x: torch.Tensor, context: torch.Tensor | None = None,
@@ -238,18 +249,33 @@ class ComfyHost:
         tokens, info = tokenize_with_identities(self.clip, prompt, {PLACEHOLDER: vectors})
         with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
             cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        key = self.tokenizer_keys[0]
-        tok, _ = text_encoder(self.clip, key)
-        positions = tuple(info.positions[key][PLACEHOLDER])
-        words = []
-        for i, item in enumerate(tokens[key][0]):
-            token = item[0]
-            if i == 0 or i in positions or not isinstance(token, int):
-                continue
-            if token == tok.end_token:
-                break
-            words.append((i, int(token)))
-        return Encoded(cond, pooled if self.uses_pooled else None, positions, tuple(words))
+        positions: list[int] = []
+        words: list[tuple[int, int]] = []
+        for key, offset in self._segments(tokens):
+            tok, _ = text_encoder(self.clip, key)
+            ids = info.positions[key][PLACEHOLDER]
+            positions += [offset + i for i in ids]
+            for i, item in enumerate(tokens[key][0]):
+                token = item[0]
+                if i in ids or not isinstance(token, int) or token == tok.start_token:
+                    continue
+                if token == tok.end_token:
+                    break
+                words.append((offset + i, int(token)))
+        return Encoded(cond, pooled if self.uses_pooled else None, tuple(positions), tuple(words))
+
+    def _segments(self, tokens: dict[str, list]) -> list[tuple[str, int]]:
+        """(tokenizer key, offset) of each part of the text sequence the model reads: a UNet's CLIP context,
+        FLUX's T5 sequence, SD3's CLIP rows (77 per chunk) followed by its T5 rows."""
+        if not self.dit:
+            return [(self.tokenizer_keys[0], 0)]
+        keys = set(self.tokenizer_keys)
+        if "t5xxl" not in keys:
+            return [(self.tokenizer_keys[0], 0)]
+        clip_keys = [k for k in self.tokenizer_keys if k != "t5xxl"]
+        if self.family_reads_clip_sequence and clip_keys:
+            return [(clip_keys[0], 0), ("t5xxl", 77 * len(tokens[clip_keys[0]]))]
+        return [("t5xxl", 0)]
 
     # -- diffusion ------------------------------------------------------------------------------------
 
@@ -290,17 +316,28 @@ class ComfyHost:
 
     def _denoise_dit(self, noised: Noised, cond: Conditioning, to: dict[str, Any], record: bool
                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """FLUX.1 / SD3: the words path; no per-stage keys and no attention maps yet (the node refuses the
-        per-stage layout and the attention loss there; ``measure`` gets no maps, so no face mass)."""
+        """FLUX.1 / SD3: the words path; with ``record`` the joint-attention maps of the image queries on the
+        text keys (:class:`~.joint_attention.JointAttentionRecorder`). No per-stage keys (refused by the node)."""
         if cond.keys is not None:
             raise NotImplementedError("per-stage keys are not learned on FLUX.1 / SD3 yet; use layout 'words'")
         x_t = noised.x_t
+        joint = self.recorder
+        assert isinstance(joint, JointAttentionRecorder)
+        p = patch_size(self.mp)
+        img_len = -(-x_t.shape[-2] // p) * -(-x_t.shape[-1] // p)
+        joint.start(record, txt_len=int(cond.context.shape[1]), img_len=img_len,
+                    prior=to.get("optimized_attention_override"))
+        if record:
+            to["optimized_attention_override"] = joint
         conds = dit_conds(self.mp, cond.context.to(x_t.device),
                           None if cond.pooled is None else cond.pooled.to(x_t.device), x_t)
-        # ComfyUI's FLUX blocks add residuals in place (``x += ...``), as its CLIP does
-        with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
-            denoised = self.mp.model.apply_model(x_t, noised.sigma, transformer_options=to, **conds)
-        return denoised.float(), []
+        try:
+            # ComfyUI's FLUX blocks add residuals in place (``x += ...``), as its CLIP does
+            with copy_saved_activations() if torch.is_grad_enabled() else contextlib.nullcontext():
+                denoised = self.mp.model.apply_model(x_t, noised.sigma, transformer_options=to, **conds)
+        finally:
+            joint.collecting = False  # a checkpointed backward recomputes without collecting twice
+        return denoised.float(), joint.take()
 
     def attention_layers(self) -> list[tuple[str, int]]:
         return attention_blocks(self.mp)
