@@ -244,6 +244,14 @@ def accounting(mods) -> None:
             resident = (2 * max(block_gib.values()) if "offload" in mode else dit_gib + t5_gib) + 0.23
             print(f"  {' + '.join(mode) or 'plain':<36} {res} px: held {act:6.2f} GiB + resident weights "
                   f"{resident:5.2f} GiB = {act + resident:6.2f} GiB  (goal 16 GiB)")
+    per_block = held[((), (1, 2), 256)] - held[((), (1, 1), 256)]  # one single block, plain, bf16
+    print(f"  + while a checkpointed block is recomputed in backward: its activations, about {per_block:.2f} GiB "
+          "at 256 px (a single block, bf16; grows with the tokens)")
+    for res in (512,):
+        img = (res // 16) ** 2
+        maps = 57 * 24 * img * T5_TOKENS * 4 / 2**30
+        print(f"  + with the attention loss at {res} px: the maps kept to the loss, 57 layers x 24 heads x {img} x "
+              f"{T5_TOKENS} in fp32 = {maps:.2f} GiB, and one no-grad forward of the class-word prompt per step")
     print("  offload: ComfyUI streams the transformer and T5 layer by layer (two blocks counted resident); a GPU "
           "run's max_memory_allocated is the check this estimate stands in for")
 

@@ -109,12 +109,62 @@ def test_the_step_is_flow_matching_through_the_models_own_sampling(comfyui, pack
         assert maps == []
 
 
+# -- joint attention -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_joint_attention_maps_leave_the_output_as_it_was_and_steer_the_identity(comfyui, pack, kind):
+    """Recording computes the image rows explicitly: the output stays ComfyUI's (to float error); one map per
+    joint layer, image queries on the text keys; and the face term's gradient reaches the vectors through
+    the maps, also out of checkpointed blocks (the same masses to float error)."""
+    host_mod = pack["mods"]("nodes.adapters.learn_host")
+    core = pack["mods"]("dreamid_core.learning")
+    al = pack["mods"]("dreamid_core.learning.attention_loss")
+    layers = {"flux": 4, "sd3": 2}[kind]  # FLUX: 2 double + 2 single blocks; SD3: 2 joint blocks
+    runs = []
+    for ckpt in (False, True):
+        m = build(kind)
+        g = torch.Generator().manual_seed(0)
+        with torch.inference_mode(False), torch.enable_grad(), \
+                host_mod.ComfyHost(m["model"], m["clip"], gradient_checkpointing=ckpt) as host:
+            rows = host.word_embeddings("person")
+            vec = {k: torch.nn.Parameter(v[:1].repeat(2, 1).clone()) for k, v in rows.items()}
+            x0 = torch.randn(1, 16, 8, 8, generator=g)
+            noised = host.noise(x0, torch.randn(x0.shape, generator=g), torch.tensor([host.num_timesteps // 2]))
+            with torch.no_grad():
+                enc = host.encode("a photo of S*", vec)
+                cond = core.Conditioning(enc.context, enc.pooled)
+                plain, none = host.denoise(noised, cond)
+                recorded, maps = host.denoise(noised, cond, record=True)
+            assert none == [] and len(maps) == layers
+            torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
+            for p in maps:
+                assert p.shape[2:] == (16, enc.context.shape[1]) and float(p.sum(-1).max()) <= 1 + 1e-5
+            mask = torch.zeros(1, 8, 8)
+            mask[:, :4, :4] = 1  # a "face" in the top-left quarter
+            opt = torch.optim.Adam(vec.values(), lr=0.05)
+            masses = []
+            for _ in range(8):
+                enc = host.encode("a photo of S*", vec)
+                _, maps = host.denoise(noised, core.Conditioning(enc.context, enc.pooled), record=True)
+                fm = torch.stack([al.face_mass(p, enc.positions, al.resize_mask(mask, p.shape[2])) for p in maps])
+                masses.append(float(fm.detach().mean()))
+                opt.zero_grad()
+                (1 - fm.mean()).backward()
+                opt.step()
+        assert masses[-1] > masses[0] + 0.05, masses
+        runs.append(masses)
+    assert max(abs(a - b) for a, b in zip(*runs, strict=True)) < 1e-4, runs
+
+
 # -- the node ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_learning_every_encoder_lowers_the_loss_and_leaves_model_and_clip_untouched(comfyui, pack, dits, kind):
     m = dits[kind]
     before = state_hash(m["model"].model.diffusion_model), state_hash(m["clip"].cond_stage_model)
+    with_attention = learn(pack, m, steps=2, attention_loss_weight=0.003)
+    assert "face attention n/a" not in with_attention["ui"]["text"][0]
+    assert 0 < with_attention["result"][0].config.extra["face_mass"] < 1
     out = learn(pack, m, steps=8)
     ident = out["result"][0]
     assert {k: tuple(v.shape) for k, v in ident.tensors.items()} == {k: (2, w) for k, w in PARTS[kind].items()}
@@ -124,7 +174,7 @@ def test_learning_every_encoder_lowers_the_loss_and_leaves_model_and_clip_untouc
     # the vectors keep their encoder's vocabulary norm (Directional Textual Inversion)
     for key, norms in extra["norms"].items():
         assert max(abs(n - extra["vocabulary_norm"][key]) for n in norms) < 1e-3, (key, norms)
-    assert "face attention n/a" in out["ui"]["text"][0]
+    assert "face attention n/a" not in out["ui"]["text"][0]  # the before/after measure records maps anyway
     assert (state_hash(m["model"].model.diffusion_model), state_hash(m["clip"].cond_stage_model)) == before
     for module in (m["model"].model.diffusion_model, m["clip"].cond_stage_model):
         assert no_grads(module) and leftover_wrappers(module) == 0
@@ -136,7 +186,9 @@ def test_learning_every_encoder_lowers_the_loss_and_leaves_model_and_clip_untouc
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpointing_and_offloading_learn_the_same_vectors(comfyui, pack, dits, kind):
-    runs = {(ckpt, off): learn(pack, dits[kind], gradient_checkpointing=ckpt, offload=off)["result"][0].tensors
+    """With the joint-attention loss on: its maps come out of checkpointed blocks with their gradients."""
+    runs = {(ckpt, off): learn(pack, dits[kind], gradient_checkpointing=ckpt, offload=off,
+                               attention_loss_weight=0.5)["result"][0].tensors
             for ckpt, off in ((False, False), (True, False), (False, True), (True, True))}
     plain = runs[(False, False)]
     for flags, tensors in runs.items():
@@ -185,8 +237,10 @@ def test_what_these_families_cannot_do_yet_is_refused_by_name(comfyui, pack, dit
     err = pack["mods"]("nodes.adapters.validation").NodeInputError
     with pytest.raises(err, match=r"layout 'per_stage' is not available on FLUX\.1 yet.*use layout 'words'"):
         learn(pack, dits["flux"], layout="per_stage")
-    with pytest.raises(err, match=r"attention_loss_weight=0\.003.*SD3/3\.5.*set attention_loss_weight to 0"):
-        learn(pack, dits["sd3"], attention_loss_weight=0.003)
+    # 1024 px is 4096 image tokens: more than the layers whose maps the attention loss keeps
+    with pytest.raises(err, match=r"attention_loss_weight=0\.003 at resolution 1024: SD3/3\.5's joint attention "
+                                  r"has 4096 image tokens.*Use resolution <= 512, or attention_loss_weight 0"):
+        learn(pack, dits["sd3"], attention_loss_weight=0.003, resolution=1024)
 
 
 def test_a_model_and_clip_of_different_families_are_refused_naming_both(comfyui, pack, dits):
