@@ -91,12 +91,13 @@ def build_clip(*, seed: int, inference: bool):
         return tiny_clip("sd1", 768, layers=12, intermediate=3072, seed=seed, dtype=torch.float32)
 
 
-def photo_set(core, res: int):
+def photo_set(core, res: int, channels: int = 4):
+    """One random latent photo (``channels``: 4 for SD, 16 for FLUX.1/SD3) with a face box and landmarks."""
     g = torch.Generator().manual_seed(0)
     lat = res // 8
     box = (lat * 0.3, lat * 0.25, lat * 0.7, lat * 0.75)
     marks = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.5], [0.42, 0.62], [0.58, 0.62]]) * lat
-    return core.PhotoSet(torch.randn(1, 4, lat, lat, generator=g), [box], [marks], res)
+    return core.PhotoSet(torch.randn(1, channels, lat, lat, generator=g), [box], [marks], res)
 
 
 # -- the loops -----------------------------------------------------------------------------------------
