@@ -144,7 +144,8 @@ def test_families_without_word_identities_are_refused_by_name(comfyui, pack):
             pack["nodes"]["DreamID_InjectIDTokens"]().encode(clip, embeds, "a photo of S*", "S*")
 
 
-def test_learning_on_a_dit_checkpoint_is_refused_naming_what_works(comfyui, pack, clips):
+def test_learning_with_a_dit_clip_on_a_unet_is_refused_naming_both_families(comfyui, pack, clips):
+    """FLUX.1 / SD3 learn (tests/test_learn_dit.py); their CLIP on an SD2 UNet is refused, both families named."""
     from face_photos import HAVE_PHOTOS
     from test_learn_nodes import small_sd2_model
 
@@ -153,8 +154,9 @@ def test_learning_on_a_dit_checkpoint_is_refused_naming_what_works(comfyui, pack
     with torch.inference_mode():
         model = small_sd2_model()
     node = pack["nodes"]["DreamID_LearnIdentity"]()
-    for kind in PARTS:
-        with pytest.raises(Exception, match=rf"this CLIP is {kind} .*learning an identity works on sd1, sd2, sdxl"):
+    for kind, name in (("sd3", r"SD3/3\.5"), ("flux", r"FLUX\.1")):
+        with pytest.raises(Exception, match=rf"the MODEL is SD2\.x but this CLIP \({name}, .*Connect the CLIP that "
+                                            r"belongs to this MODEL \(SD2\.x\)"):
             node.learn(model=model, clip=clips[kind], vae=object(), image=torch.zeros(1, 64, 64, 3), steps=1,
                        learning_rate=0.01, attention_loss_weight=0.0, layout="words", num_tokens=2, init_word="person",
                        class_word="person", resolution=64, batch_size=1, seed=0, gradient_checkpointing=False)

@@ -39,7 +39,12 @@ def model_family(patcher: ModelPatcher) -> str:
     if isinstance(model, comfy.model_base.SDXL):
         return "sdxl"
     if not is_dit(patcher):
-        return {768: "sd1", 1024: "sd2"}.get(int(cfg.get("context_dim") or 0), type(model.model_config).__name__)
+        name = type(model.model_config).__name__  # ComfyUI's detected config: SD15, SD20, SD21UnclipL, ...
+        if name.startswith("SD15"):
+            return "sd1"
+        if name.startswith("SD2"):
+            return "sd2"
+        return {768: "sd1", 1024: "sd2"}.get(int(cfg.get("context_dim") or 0), name)
     return type(model.model_config).__name__
 
 
