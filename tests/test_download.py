@@ -296,3 +296,17 @@ def test_importing_the_pack_does_not_import_the_hub_client():
             "print('huggingface_hub' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_default_leaves_the_large_gated_flux_files_to_a_named_request(caplog):
+    """Every template's files by default, but FLUX.1-dev's (gated, ~33 GB) only when its template is named;
+    the log says so and how."""
+    from dreamid_core.cli import download as dl
+
+    caplog.set_level(logging.INFO, logger="dreamid_core.cli.download")
+    default = dl.pack_workflows()
+    names = {e.name for w in default for e in read_models(w)}
+    assert default and "flux1-dev.safetensors" not in names and "v2-1_512-ema-pruned.safetensors" in names
+    assert "fetch it by name: python -m dreamid_core download dreamid_learn_identity_flux" in caplog.text
+    flux = dl._resolve_workflow(Path("dreamid_learn_identity_flux"))
+    assert {e.name for e in read_models(flux)} >= {"flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors"}

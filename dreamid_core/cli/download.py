@@ -35,7 +35,7 @@ from .runner import run_main
 
 logger = logging.getLogger("dreamid_core.cli.download")
 
-PACK_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+PACK_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"  # the repo root: dreamid_core/cli/ -> ../..
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # folder names of ComfyUI's folder_paths (0.3.64 and 0.33) plus the legacy aliases it maps
 COMFYUI_FOLDERS = frozenset({
@@ -302,8 +302,20 @@ def download_models(entries: list[ModelEntry], comfyui: Path, *, dry_run: bool =
     return rows
 
 
+#: templates whose files are fetched only when named: FLUX.1-dev is gated (accept its license on the model card,
+#: then ``huggingface-cli login``) and with its text encoders about 33 GB
+ON_REQUEST = {"dreamid_learn_identity_flux": "FLUX.1-dev (gated) + text encoders + VAE, about 33 GB"}
+
+
 def pack_workflows() -> list[Path]:
-    return sorted(PACK_WORKFLOWS.glob("*.json"))
+    """The pack's templates fetched by default: every one but those in :data:`ON_REQUEST` (each named in a log
+    line that says how to fetch it)."""
+    paths = sorted(PACK_WORKFLOWS.glob("*.json"))
+    for path in paths:
+        if path.stem in ON_REQUEST:
+            logger.info("left out by default: %s (%s); fetch it by name: python -m dreamid_core download %s",
+                        path.stem, ON_REQUEST[path.stem], path.stem)
+    return [p for p in paths if p.stem not in ON_REQUEST]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Fetch the public model files the workflows list (their 'models') "
                                             "into ComfyUI's folders.")
     p.add_argument("workflows", nargs="*", type=Path,
-                   help="workflow .json files or template names (default: every template in the pack's workflows/)")
+                   help="workflow .json files or template names (default: every template in the pack's workflows/ "
+                        "but the FLUX.1 one, ~33 GB and gated: name it to fetch it)")
     p.add_argument("--comfyui", type=Path, help="the ComfyUI folder (default: $COMFYUI_PATH)")
     p.add_argument("--dry-run", action="store_true", help="say what would be fetched, fetch nothing")
     p.add_argument("-v", "--verbose", action="store_true")
