@@ -115,10 +115,7 @@ class Reference:
 
     def loss(self):
         self.i += 1
-        gen = self.mods.core.step_generator(0, self.i)
-        x0 = self.photos.latents[torch.randint(0, len(self.photos), (1,), generator=gen)]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, self.sampling.sigmas.shape[0], (1,), generator=gen)
+        x0, noise, t = sd_bench.draw(self.mods.core, self.photos, self.i, self.sampling.sigmas.shape[0])
         sigma = self.sampling.sigmas[t]
         s = sigma.reshape(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
