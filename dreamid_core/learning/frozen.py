@@ -15,6 +15,8 @@ API
   weight, and not the input either, is kept between the passes. For offloaded weights (streamed to
   the device layer by layer): autograd would otherwise keep every streamed copy until backward.
   ``kind``: ``("linear",)`` or ``("conv2d", stride, padding, dilation, groups)``.
+- ``non_view(t)``: ``t``'s storage as a tensor autograd does not treat as a view (no copy), for outputs of
+  a custom Function that the model then changes in place.
 - ``copy_saved_activations()``: a context in which autograd keeps copies of the saved tensors that
   require grad (activations), so that a model adding its residuals in place (ComfyUI's CLIP:
   ``x += ...``) cannot change them; weights and anything else that does not require grad are kept
@@ -88,6 +90,13 @@ class FrozenWeights:
         return len(self._saved)
 
 
+def non_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on ``t``'s very storage that autograd does not treat as a view (no copy): what a custom
+    Function may return when the model goes on to change it in place."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                               t.stride())
+
+
 class _InputGradOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
@@ -98,8 +107,7 @@ class _InputGradOnly(torch.autograd.Function):
         if out._is_view() or out is x:
             # the model may add into this output in place (ComfyUI's FLUX: ``txt += ...``), which autograd
             # forbids on a view made inside a Function: hand out a plain tensor on the same storage (no copy)
-            plain = torch.empty(0, dtype=out.dtype, device=out.device)
-            out = plain.set_(out.untyped_storage(), out.storage_offset(), out.size(), out.stride())
+            out = non_view(out)
         return out
 
     @staticmethod

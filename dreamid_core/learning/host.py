@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .frozen import copy_saved_activations
+from .frozen import copy_saved_activations, non_view
 from .prompts import Encoded
 
 
@@ -95,7 +95,7 @@ class _Recompute(torch.autograd.Function):
         with torch.no_grad():
             outs = fn(*tensors)
         # an output the model may add into in place must not be a view made in here (autograd forbids it)
-        return tuple(_plain(o) if o._is_view() or any(o is t for t in tensors) else o for o in outs)
+        return tuple(non_view(o) if o._is_view() or any(o is t for t in tensors) else o for o in outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -107,12 +107,6 @@ class _Recompute(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, *[i.grad if i.requires_grad else None for i in inputs])
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A non-view tensor on ``t``'s storage (no copy)."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
-                                                               t.stride())
 
 
 def recomputed(fn: Callable[..., Any], *args: Any, capture: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
