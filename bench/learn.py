@@ -326,6 +326,7 @@ class Mods:
         self.frozen, self.memory = get("dreamid_core.learning.frozen"), get("dreamid_core.learning.memory")
         self.faces, self.detectors = get("dreamid_core.faces.pipeline"), get("dreamid_core.faces.detectors")
         self.plot, self.watch = get("nodes.adapters.loss_plot"), get("nodes.adapters.learn_watch")
+        self.joint = get("nodes.adapters.joint_attention")
 
 
 def main(argv=None) -> int:

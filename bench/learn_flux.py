@@ -15,7 +15,9 @@ reference: flow-matching textual inversion the plainest way: its own copy of the
 tensors with ``requires_grad_(False)`` (made once, not timed), the prompt with S* (CLIP-L and T5 vectors)
 through ``clip.encode_from_tokens``, ``diffusion_model(x_t, sigma, context, y, guidance=3.5)``, the MSE
 to ``noise - x0``, backward, Adam (ComfyUI's CLIP and FLUX blocks add in place, so both keep copies of what
-they save, as the node does). node: ``IdentityLearner.step`` on ``ComfyHost``, as in bench/learn.py.
+they save, as the node does). node: ``IdentityLearner.step`` on ``ComfyHost``, as in bench/learn.py;
+``node per_stage``: 5 time stages, the step's key and value prompts read as two T5 streams (256 + 256 text
+tokens beside the image's).
 
 ``--project``: FLOPs of one step of the real FLUX.1-dev (19 + 38 blocks) at 512 and 768 px on meta tensors
 (transformer forward + input-gradient backward; T5-XXL and CLIP-L forward + backward counted per weight
@@ -46,7 +48,7 @@ FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_i
             "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24}
 T5_TOKENS, CLIP_TOKENS = 256, 77  # ComfyUI pads FLUX's T5 prompt to 256 tokens
-LOOPS = ("reference TI", "node TI", "node ckpt", "node offload", "node ckpt + offload",
+LOOPS = ("reference TI", "node TI", "node per_stage", "node ckpt", "node offload", "node ckpt + offload",
          "reference TI + class forward", "node attn", "node attn ckpt + offload")
 
 
@@ -139,7 +141,8 @@ class Reference:
 def make_loop(name, mods, models, photos):
     if name.startswith("reference"):
         return Reference(mods, models["ref_model"], models["ref_clip"], photos, attn="class" in name)
-    return sd_bench.Node(mods, models["model"], models["clip"], photos, layout="words",
+    return sd_bench.Node(mods, models["model"], models["clip"], photos,
+                         layout="per_stage" if "per_stage" in name else "words",
                          attn=0.003 if "attn" in name else 0.0, ckpt="ckpt" in name, offload="offload" in name)
 
 
@@ -165,20 +168,29 @@ def sdpa():
         attention.optimized_attention, flux_math.optimized_attention = before
 
 
-def dit_flops(mods, res: int, grad: bool, double: int = 19, single: int = 38) -> float:
+def dit_flops(mods, res: int, grad: bool, double: int = 19, single: int = 38, streams: int = 1) -> float:
+    """FLOPs of one transformer call; ``streams=2``: a per-stage step's two text streams through the pack's
+    joint attention (its sub-calls are what is counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     dm = build_flux(double=double, single=single, seed=0, inference=False, device="meta").model.diffusion_model
     dm.requires_grad_(False)
     lat = res // 8
     x = torch.randn(1, 16, lat, lat, device="meta")
-    ctx = torch.randn(1, T5_TOKENS, 4096, device="meta", requires_grad=grad)
+    ctx = torch.randn(1, streams * T5_TOKENS, 4096, device="meta", requires_grad=grad)
+    options = {}
+    if streams == 2:
+        joint = mods.joint.JointAttention(max_queries=None)
+        joint.start(False, txt_len=2 * T5_TOKENS, img_len=(lat // 2) ** 2, prior=None, stream_len=T5_TOKENS)
+        options["optimized_attention_override"] = joint
     # FLUX's blocks add in place: autograd keeps copies of what it saves (copies are not FLOPs)
     with sdpa(), FlopCounterMode(display=False) as fc, mods.frozen.copy_saved_activations():
         out = dm(x, torch.tensor([0.5], device="meta"), ctx, y=torch.randn(1, 768, device="meta"),
-                 guidance=torch.full((1,), 3.5, device="meta"))
+                 guidance=torch.full((1,), 3.5, device="meta"), transformer_options=options)
         if grad:
             out.sum().backward()
+    if streams == 2 and joint.calls != double + single:
+        raise RuntimeError(f"the two-stream attention served {joint.calls} of {double + single} joint calls")
     return fc.get_total_flops()
 
 
@@ -193,6 +205,10 @@ def project(mods) -> None:
         gpu = "; ".join(f"{name}: {200 * total / (t * 1e12):.0f} s" for name, t in sd_bench.GPU_TFLOPS.items())
         print(f"  {res} px: {total / 1e12:6.2f} TFLOP/step (transformer fwd+bwd {(total - text) / 1e12:.2f}, T5-XXL + "
               f"CLIP-L {text / 1e12:.2f}); 200 steps {gpu}")
+        staged = dit_flops(mods, res, True, streams=2) + 2 * text  # two prompts encoded: keys and values
+        gpu = "; ".join(f"{name}: {200 * staged / (t * 1e12):.0f} s" for name, t in sd_bench.GPU_TFLOPS.items())
+        print(f"  {res} px per_stage (two text streams): {staged / 1e12:6.2f} TFLOP/step = {staged / total:.2f}x the "
+              f"words step; 200 steps {gpu}")
 
 
 def accounting(mods) -> None:

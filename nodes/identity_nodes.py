@@ -26,11 +26,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 CATEGORY = "DreamIdentity"
+
+
 class DreamIDApplyPerStageIdentity:
     DESCRIPTION = ("Generates with a per-stage identity: for the positive prompt, every cross-attention layer gets "
                    "the keys from the stage's KEY tokens and the values from its VALUE tokens (stages by denoising "
-                   "time, or by UNet block, as the identity was learned). Connect the MODEL and the positive "
-                   "CONDITIONING to a sampler. A words identity works too (then it equals DreamID_InjectIDTokens).")
+                   "time, or by UNet block, as the identity was learned). On FLUX.1 / SD3 the prompt runs as two "
+                   "text streams, the stage's KEY prompt and its VALUE prompt, and the image reads its keys from the "
+                   "first and its values from the second. Connect the MODEL and the positive CONDITIONING to a "
+                   "sampler. A words identity works too (then it equals DreamID_InjectIDTokens).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

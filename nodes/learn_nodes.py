@@ -118,15 +118,15 @@ def check_models(model: ModelPatcher | None, clip: CLIP | None, vae: VAE | None)
     return family
 
 
-def check_dit_settings(family: str, layout: str, attention_loss_weight: float, resolution: int,
+def check_dit_settings(family: str, layout: str, stage_kind: str, attention_loss_weight: float, resolution: int,
                        max_queries: int | None) -> None:
-    """FLUX.1 and SD3 learn words (the per-stage layout is refused by name); their attention loss records
-    joint-attention layers with at most ``max_queries`` image tokens, i.e. up to 512 px."""
+    """FLUX.1 and SD3 learn words, or per-stage identities staged by time (they have no UNet blocks); their
+    attention loss records joint-attention layers with at most ``max_queries`` image tokens, i.e. up to 512 px."""
     if family not in DIT_FAMILIES:
         return
-    if layout != "words":
-        raise NodeInputError(f"{NODE}: layout {layout!r} is not available on {family_name(family)} yet (it is on "
-                             "SD1.x/SD2.x/SDXL); use layout 'words' (one multi-key embedding file).")
+    if layout == "per_stage" and stage_kind != "time":
+        raise NodeInputError(f"{NODE}: stage_kind {stage_kind!r} stages by UNet block, and {family_name(family)} is "
+                             "a transformer with no UNet blocks; use stage_kind 'time' (or layout 'words').")
     tokens = (resolution // 16) ** 2
     if attention_loss_weight > 0 and max_queries is not None and tokens > max_queries:
         largest = 16 * int(max_queries ** 0.5)
@@ -228,8 +228,8 @@ class DreamIDLearnIdentity:
                     "N steps, then N more, learn what 2N steps in one run learn.")}),
                 "num_stages": ("INT", {"default": 5, "min": 1, "max": 20, "tooltip": "per_stage: number of stages."}),
                 "stage_kind": (list(STAGE_KINDS), {"default": "time", "tooltip": (
-                    "per_stage: time = equal bins of denoising time (same for every model family); unet = by UNet "
-                    "block (input levels, middle, output levels).")}),
+                    "per_stage: time = equal bins of denoising time (every model family, FLUX.1 and SD3 too); unet "
+                    "= by UNet block (input levels, middle, output levels; SD1.x/SD2.x/SDXL).")}),
                 "offload": ("BOOLEAN", {"default": False, "tooltip": (
                     "Keep as few weights as possible on the GPU; ComfyUI streams them layer by layer (the lowest "
                     "memory, slower). With gradient_checkpointing: SDXL at 1024 px on 12 GB cards.")}),
@@ -279,7 +279,7 @@ class DreamIDLearnIdentity:
         require_finite(NODE, learning_rate=learning_rate, attention_loss_weight=attention_loss_weight)
         family = check_models(model, clip, vae)
         options = RunOptions(batch_size=batch_size, gradient_checkpointing=bool(gradient_checkpointing))
-        check_dit_settings(family, layout, attention_loss_weight, resolution, options.max_queries)
+        check_dit_settings(family, layout, stage_kind, attention_loss_weight, resolution, options.max_queries)
         _intervals(steps, preview_every=preview_every, snapshot_every=snapshot_every, keep_last=keep_last)
         name = _name(name)
         if preview_every and not find_triggers(str(preview_prompt), ["S*"]):

@@ -235,8 +235,6 @@ def test_the_learned_identity_is_one_embedding_file_that_clip_text_encode_reads(
 
 def test_what_these_families_cannot_do_yet_is_refused_by_name(comfyui, pack, dits):
     err = pack["mods"]("nodes.adapters.validation").NodeInputError
-    with pytest.raises(err, match=r"layout 'per_stage' is not available on FLUX\.1 yet.*use layout 'words'"):
-        learn(pack, dits["flux"], layout="per_stage")
     # 1024 px is 4096 image tokens: more than the layers whose maps the attention loss keeps
     with pytest.raises(err, match=r"attention_loss_weight=0\.003 at resolution 1024: SD3/3\.5's joint attention "
                                   r"has 4096 image tokens.*Use resolution <= 512, or attention_loss_weight 0"):
@@ -261,12 +259,3 @@ def test_a_model_and_clip_of_different_families_are_refused_naming_both(comfyui,
     narrow = build("flux", context_in_dim=40)["model"]
     with pytest.raises(err, match=r"reads t5xxl 40 wide but this CLIP \(FLUX\.1.*gives t5xxl 48"):
         learn(pack, dict(flux, model=narrow))
-
-
-def test_a_per_stage_identity_is_refused_on_a_dit(comfyui, pack, dits):
-    li = pack["mods"]("dreamid_core.identities.learned_identity")
-    parts = {k: torch.zeros(2, 2, 2, w) for k, w in PARTS["flux"].items()}
-    staged = li.LearnedIdentity(li.IdentityConfig(layout="per_stage", num_stages=2, target="flux"), parts)
-    with pytest.raises(Exception, match=r"per-stage identities apply on SD1\.x/SD2\.x/SDXL UNets, not on FLUX\.1"):
-        pack["nodes"]["DreamID_ApplyPerStageIdentity"]().apply(dits["flux"]["model"], dits["flux"]["clip"], staged,
-                                                               "a photo of S*", "S*")

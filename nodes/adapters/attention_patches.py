@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_sampling
 import torch
 
 from ...dreamid_core.learning.attention_loss import attention_output, attention_probs
@@ -62,23 +63,41 @@ def stage_selector(model_patcher: ModelPatcher, num_stages: int, stage_kind: str
     if stage_kind == "unet":
         layout = unet_layout(model_patcher)
         return lambda extra, row: stage_for_block(tuple(extra["block"][:2]), num_stages, layout)
-    sampling = model_patcher.get_model_object("model_sampling")
-    cache: dict[float, int] = {}
+    of_sigma = stage_of_sigma(model_patcher, num_stages)
 
     def by_time(extra: dict, row: int) -> int:
         sigmas = extra.get("sigmas")
         if sigmas is None:
             raise RuntimeError("the per-stage patch got no sigma from ComfyUI (transformer_options['sigmas'])")
-        sigma = sigmas[min(row, sigmas.shape[0] - 1)].reshape(1)
-        key = float(sigma)
-        if key not in cache:
-            cache[key] = stage_for_timestep(float(sampling.timestep(sigma.float())), num_stages)
-        return cache[key]
+        return of_sigma(sigmas[min(row, sigmas.shape[0] - 1)])
 
     return by_time
 
 
-def _fit(ctx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def stage_of_sigma(model_patcher: ModelPatcher, num_stages: int) -> Callable[[torch.Tensor], int]:
+    """``stage(sigma) -> int``: the time stage of a sampler's sigma, on the same scale the learner draws its
+    training timesteps from (an index into the model's sigma table, ``stage_for_timestep`` over its length).
+    Discrete (eps / v) models: ``model_sampling.timestep`` is that index. Flow models (FLUX.1, SD3) feed
+    their blocks the shifted sigma itself, so the index is where sigma falls in the (increasing) table."""
+    sampling = model_patcher.get_model_object("model_sampling")
+    table = sampling.sigmas.detach().float().cpu()
+    flow = isinstance(sampling, comfy.model_sampling.CONST)
+    cache: dict[float, int] = {}
+
+    def stage(sigma: torch.Tensor) -> int:
+        key = float(sigma)
+        if key not in cache:
+            if flow:
+                index = float(torch.searchsorted(table, torch.tensor([key]), right=False)[0].clamp_max(len(table) - 1))
+            else:
+                index = float(sampling.timestep(sigma.reshape(1).float()))
+            cache[key] = stage_for_timestep(index, num_stages, len(table))
+        return cache[key]
+
+    return stage
+
+
+def fit_context(ctx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``ctx [1 or n, l, C]`` shaped as ``like [n, L, C]``: repeated along the tokens (L a multiple of l,
     as ComfyUI's CONDCrossAttn.concat pads), on ``like``'s device and dtype."""
     n, length, width = like.shape
@@ -112,7 +131,7 @@ class PerStagePatch:
         for i, kind in enumerate(kinds):
             if kind == 0:
                 stage = self.select(extra_options, i * chunk)
-                ks[i], vs[i] = _fit(self.keys[stage], ks[i]), _fit(self.values[stage], vs[i])
+                ks[i], vs[i] = fit_context(self.keys[stage], ks[i]), fit_context(self.values[stage], vs[i])
         return n, torch.cat(ks), torch.cat(vs)
 
 
@@ -136,7 +155,7 @@ class TrainKV:
             return n, context_attn2, value_attn2
         s = 0 if self.keys.shape[0] == 1 else stage_for_block(tuple(extra_options["block"][:2]), self.keys.shape[0],
                                                               self.layout)
-        return n, _fit(self.keys[s], context_attn2), _fit(self.values[s], context_attn2)
+        return n, fit_context(self.keys[s], context_attn2), fit_context(self.values[s], context_attn2)
 
 
 class AttentionRecorder:

@@ -35,6 +35,7 @@ import comfy.ops
 import torch
 import torch.utils.checkpoint
 
+from ...dreamid_core.identities.families import family_name
 from ...dreamid_core.learning import Conditioning, Encoded, Noised, PhotoSet, face_squares
 from ...dreamid_core.learning.frozen import FrozenWeights, copy_saved_activations, input_grad_only
 from ...dreamid_core.learning.host import recomputed
@@ -42,7 +43,7 @@ from ...dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
 from .dit_model import dit_blocks, dit_conds, is_dit, model_family, patch_size
-from .joint_attention import JointAttentionRecorder
+from .joint_attention import JointAttention
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -87,9 +88,9 @@ class ComfyHost:
         # fp8 weights compute in ComfyUI's manual-cast dtype, layer by layer
         self.compute_dtype = getattr(self.mp.model, "manual_cast_dtype", None) or self.mp.model.get_dtype()
         self.dit = is_dit(self.mp)
-        self.recorder: AttentionRecorder | JointAttentionRecorder = AttentionRecorder(max_queries)
+        self.recorder: AttentionRecorder | JointAttention = AttentionRecorder(max_queries)
         if self.dit:  # FLUX.1 / SD3: the pooled vector always feeds the model; joint attention, no attn2
-            self.recorder = JointAttentionRecorder(max_queries)
+            self.recorder = JointAttention(max_queries)
             self.resolution_multiple = 8 * patch_size(self.mp)
             # SD3 reads [CLIP-L|G rows; T5 rows] as one sequence; FLUX reads T5 alone (CLIP-L only pooled)
             self.family_reads_clip_sequence = model_family(self.mp) == "sd3"
@@ -177,7 +178,7 @@ class ComfyHost:
                 if not torch.is_grad_enabled():
                     return _f(*a, **k)
                 joint = self.recorder
-                assert isinstance(joint, JointAttentionRecorder)
+                assert isinstance(joint, JointAttention)
                 out, maps = recomputed(_f, *a, capture=joint.capture, **k)
                 if joint.collecting:  # the block's maps, now with gradients through its recomputation
                     joint.maps.extend(maps)
@@ -316,20 +317,27 @@ class ComfyHost:
 
     def _denoise_dit(self, noised: Noised, cond: Conditioning, to: dict[str, Any], record: bool
                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """FLUX.1 / SD3: the words path; with ``record`` the joint-attention maps of the image queries on the
-        text keys (:class:`~.joint_attention.JointAttentionRecorder`). No per-stage keys (refused by the node)."""
-        if cond.keys is not None:
-            raise NotImplementedError("per-stage keys are not learned on FLUX.1 / SD3 yet; use layout 'words'")
+        """FLUX.1 / SD3 through :class:`~.joint_attention.JointAttention`: with ``record`` the maps of the image
+        queries on the text keys; a per-stage conditioning (``keys``/``values`` ``[1, B, L, C]``, the row's stage
+        already chosen) is read as two text streams ``[keys; values]``."""
         x_t = noised.x_t
         joint = self.recorder
-        assert isinstance(joint, JointAttentionRecorder)
+        assert isinstance(joint, JointAttention)
+        context, stream_len = cond.context, 0
+        if cond.keys is not None:
+            assert cond.values is not None
+            if cond.keys.shape[0] != 1:
+                raise ValueError(f"{family_name(model_family(self.mp))} takes per-stage keys chosen by time "
+                                 f"([1, B, L, C]), not {cond.keys.shape[0]} block stages")
+            stream_len = int(cond.keys.shape[2])
+            context = torch.cat([cond.keys[0], cond.values[0]], dim=1)
         p = patch_size(self.mp)
         img_len = -(-x_t.shape[-2] // p) * -(-x_t.shape[-1] // p)
-        joint.start(record, txt_len=int(cond.context.shape[1]), img_len=img_len,
-                    prior=to.get("optimized_attention_override"))
-        if record:
+        joint.start(record, txt_len=int(context.shape[1]), img_len=img_len,
+                    prior=to.get("optimized_attention_override"), stream_len=stream_len)
+        if record or stream_len:
             to["optimized_attention_override"] = joint
-        conds = dit_conds(self.mp, cond.context.to(x_t.device),
+        conds = dit_conds(self.mp, context.to(x_t.device),
                           None if cond.pooled is None else cond.pooled.to(x_t.device), x_t)
         try:
             # ComfyUI's FLUX blocks add residuals in place (``x += ...``), as its CLIP does
@@ -337,6 +345,10 @@ class ComfyHost:
                 denoised = self.mp.model.apply_model(x_t, noised.sigma, transformer_options=to, **conds)
         finally:
             joint.collecting = False  # a checkpointed backward recomputes without collecting twice
+        if stream_len and not joint.calls:
+            raise RuntimeError(f"{type(self.mp.model.diffusion_model).__name__} made no joint-attention call of "
+                               f"{joint.txt_len} text + {img_len} image tokens: per-stage identities need FLUX.1's or "
+                               "SD3's joint attention")
         return denoised.float(), joint.take()
 
     def attention_layers(self) -> list[tuple[str, int]]:
