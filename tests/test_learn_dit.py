@@ -233,7 +233,7 @@ def test_the_learned_identity_is_one_embedding_file_that_clip_text_encode_reads(
 
 # -- refusals ----------------------------------------------------------------------------------------
 
-def test_what_these_families_cannot_do_yet_is_refused_by_name(comfyui, pack, dits):
+def test_the_attention_loss_above_512_px_is_refused_by_name(comfyui, pack, dits):
     err = pack["mods"]("nodes.adapters.validation").NodeInputError
     # 1024 px is 4096 image tokens: more than the layers whose maps the attention loss keeps
     with pytest.raises(err, match=r"attention_loss_weight=0\.003 at resolution 1024: SD3/3\.5's joint attention "
