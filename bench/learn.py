@@ -4,6 +4,7 @@ CLIP) against a plain textual-inversion step on the same architecture, side by s
     COMFYUI_PATH=~/ComfyUI python bench/learn.py                    # SD1.5 shapes, random weights, 128 px, CPU
     COMFYUI_PATH=~/ComfyUI python bench/learn.py --device cuda --res 512
     COMFYUI_PATH=~/ComfyUI python bench/learn.py --rss --fixed-cost --project
+    COMFYUI_PATH=~/ComfyUI python bench/learn.py --flux [--project --accounting]   # FLUX.1: bench/learn_flux.py
 
 Models: ComfyUI's SD1.5 UNet (860 M) and CLIP-L text model (123 M) built from config with random weights,
 loaded under ``torch.inference_mode()`` as CheckpointLoaderSimple loads them (inference-tensor weights,
@@ -330,7 +331,13 @@ class Mods:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--flux" in argv:  # FLUX.1's shapes, ratios, FLOP projection and 16 GB accounting
+        import learn_flux
+
+        return learn_flux.main([a for a in argv if a != "--flux"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="--flux: the same for FLUX.1 (bench/learn_flux.py; its options follow)")
     p.add_argument("--res", type=int, default=128, help="training size in px (128 on a CPU, 512 on a GPU)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each loop keeps its best")

@@ -334,6 +334,8 @@ def main(argv=None) -> int:
                 line = f"  {n} / {ref}: time {best[n] / best[ref]:.2f}x, held {mem[n] / mem[ref]:.2f}x"
                 if not np.isnan(fl[n]):
                     line += f", FLOPs {fl[n] / fl[ref]:.2f}x"
+                if "per_stage" in n:
+                    line += " (a second text stream and prompt: the method's own work; --project: 512/768 px)"
                 print(line)
     if args.project:
         project(mods)

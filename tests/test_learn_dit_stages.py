@@ -72,10 +72,13 @@ def test_two_text_streams_follow_the_rule_row_by_row(comfyui, pack, skip, record
         else:
             assert maps == []
         # another pack's override (e.g. SageAttention) serves every sub-call
-        served = []
-        joint.start(record, txt_len=2 * L, img_len=N, stream_len=L,
-                    prior=lambda f, *a, **kw: served.append(a[0].shape[dim]) or f(*a, **kw))
-        dim = 2 if skip else 1
+        served: list[int] = []
+
+        def prior(f, *a, _served=served, _dim=2 if skip else 1, **kw):
+            _served.append(a[0].shape[_dim])
+            return f(*a, **kw)
+
+        joint.start(record, txt_len=2 * L, img_len=N, stream_len=L, prior=prior)
         again = joint(attention.optimized_attention, *args, heads, skip_reshape=skip)
         assert torch.equal(again, got) and served == [L, L] + ([] if record else [N])
         joint.start(record, txt_len=2 * L, img_len=N, prior=None, stream_len=L)
