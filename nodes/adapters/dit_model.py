@@ -6,6 +6,7 @@ text widths it reads, and how a DiT (FLUX.1, SD3/3.5) is called.
 - :func:`expected_widths`: ``{part key: width}`` the MODEL's text inputs need from a CLIP, for the checks
   that name both sides when a MODEL and a CLIP of different families meet.
 - :func:`dit_blocks`: the transformer blocks of a DiT in forward order (checkpointing wraps them).
+- :func:`image_tokens`: the image tokens a latent becomes (the joint attention's image rows).
 - :func:`dit_conds`: the keyword conditioning of one ``apply_model`` call on a DiT, made by the model's
   own ``extra_conds`` exactly as ComfyUI's sampler makes it (``c_crossattn``, the pooled ``y``, FLUX's
   ``guidance`` at ComfyUI's default 3.5 for guidance-distilled models), repeated to the batch.
@@ -77,6 +78,11 @@ def dit_blocks(patcher: ModelPatcher) -> list[torch.nn.Module]:
 
 def patch_size(patcher: ModelPatcher) -> int:
     return int(getattr(patcher.model.diffusion_model, "patch_size", 1) or 1)
+
+
+def image_tokens(latent: torch.Tensor, patch: int) -> int:
+    """How many image tokens a DiT makes of ``latent [B, C, h, w]`` (``patch`` x ``patch`` patches, padded)."""
+    return -(-latent.shape[-2] // patch) * -(-latent.shape[-1] // patch)
 
 
 def dit_conds(patcher: ModelPatcher, context: torch.Tensor, pooled: torch.Tensor | None,

@@ -42,7 +42,7 @@ from ...dreamid_core.learning.host import recomputed
 from ...dreamid_core.learning.prompts import PLACEHOLDER
 from .attention_patches import AttentionRecorder, TrainKV, add_recorder, attention_blocks
 from .comfy_tokens import part_key, text_encoder, tokenize_with_identities, tokenizer_keys
-from .dit_model import dit_blocks, dit_conds, is_dit, model_family, patch_size
+from .dit_model import dit_blocks, dit_conds, image_tokens, is_dit, model_family, patch_size
 from .joint_attention import JointAttention
 
 if TYPE_CHECKING:
@@ -331,8 +331,7 @@ class ComfyHost:
                                  f"([1, B, L, C]), not {cond.keys.shape[0]} block stages")
             stream_len = int(cond.keys.shape[2])
             context = torch.cat([cond.keys[0], cond.values[0]], dim=1)
-        p = patch_size(self.mp)
-        img_len = -(-x_t.shape[-2] // p) * -(-x_t.shape[-1] // p)
+        img_len = image_tokens(x_t, patch_size(self.mp))
         joint.start(record, txt_len=int(context.shape[1]), img_len=img_len,
                     prior=to.get("optimized_attention_override"), stream_len=stream_len)
         if record or stream_len:

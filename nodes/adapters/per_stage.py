@@ -14,7 +14,7 @@ from ...dreamid_core.identities.families import family_name
 from ...dreamid_core.identities.learned_identity import LearnedIdentity
 from .attention_patches import PerStagePatch, fit_context, stage_of_sigma, stage_selector
 from .comfy_tokens import part_key, tokenize_with_identities, tokenizer_keys
-from .dit_model import is_dit, model_family, patch_size
+from .dit_model import image_tokens, is_dit, model_family, patch_size
 from .joint_attention import JointAttention
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class JointPerStage:
         c["c_crossattn"] = torch.cat(parts)
         to = dict(c.get("transformer_options") or {})
         joint = JointAttention(max_queries=None)
-        img_len = -(-x.shape[-2] // self.patch) * -(-x.shape[-1] // self.patch)
+        img_len = image_tokens(x, self.patch)
         joint.start(False, txt_len=2 * ctx.shape[1], img_len=img_len, prior=to.get("optimized_attention_override"),
                     stream_len=ctx.shape[1])
         to["optimized_attention_override"] = joint
